@@ -1,0 +1,585 @@
+"""The one run schema: everything an expansion run needs, validated before any work starts.
+
+A run takes hours on GPUs; a typo found at the graft stage wastes all of them. So the whole
+config is checked up front: unknown keys and wrong types are rejected with the YAML path (and
+line) of the offending key, cross-section rules (allocation names a run language, top-k fits the
+expert count) are checked here and not in the stage that would trip over them.
+
+YAML is loaded with ``${VAR}`` / ``${VAR:-default}`` interpolation from the environment, so
+cluster paths and secrets stay out of committed files. Secret fields are ``SecretStr``: they
+print as ``**********`` and never reach MLflow params or fingerprints.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "ConfigError",
+    "RunConfig",
+    "dump_config",
+    "load_config",
+    "parse_config",
+]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; ``issues`` holds ``(key path, message)`` pairs."""
+
+    def __init__(self, issues: list[tuple[str, str]], source: str | None = None,
+                 lines: Mapping[str, int] | None = None) -> None:
+        self.issues = issues
+        self.source = source
+        rendered = []
+        for path, message in issues:
+            where = source or "<config>"
+            line = (lines or {}).get(path)
+            prefix = f"{where}:{line}" if line else where
+            rendered.append(f"{prefix}: {path or '<root>'}: {message}")
+        super().__init__("\n".join(rendered))
+
+
+def _lang_tag(value: str) -> str:
+    # Imported here so that the schema module stays importable while languages load lazily.
+    from components.languages import canonical_tag
+
+    return canonical_tag(value)
+
+
+LangTag = Annotated[str, AfterValidator(_lang_tag)]
+"""A language code normalised to its canonical iso639-3_Script tag (``sw`` → ``swh_Latn``)."""
+
+
+class _Section(BaseModel):
+    """Base of every section: unknown keys are errors, values are immutable once loaded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelsConfig(_Section):
+    """The dense model pair: ``base`` and its post-trained sibling (local path or hub id)."""
+
+    base: str = Field(min_length=1)
+    post: str = Field(min_length=1)
+    revision: str | None = None
+    trust_remote_code: bool = False
+    hf_token: SecretStr | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+
+
+class LanguagesConfig(_Section):
+    """Languages the post-trained model already speaks (``original``) and those to add."""
+
+    original: list[LangTag] = Field(min_length=1)
+    new: list[LangTag] = Field(min_length=1)
+
+    @field_validator("original", "new")
+    @classmethod
+    def _unique(cls, tags: list[str]) -> list[str]:
+        dupes = sorted({t for t in tags if tags.count(t) > 1})
+        if dupes:
+            raise ValueError(f"listed more than once: {', '.join(dupes)}")
+        return tags
+
+    @field_validator("new")
+    @classmethod
+    def _disjoint(cls, new: list[str], info: ValidationInfo) -> list[str]:
+        both = sorted(set(new) & set(info.data.get("original", [])))
+        if both:
+            raise ValueError(f"also listed in languages.original: {', '.join(both)}")
+        return new
+
+    @property
+    def all(self) -> list[str]:
+        return [*self.original, *self.new]
+
+
+class DataSource(_Section):
+    """One corpus. ``fineweb2``/``culturax`` know their directory layouts; jsonl/parquet don't."""
+
+    name: str = Field(min_length=1)
+    format: Literal["fineweb2", "culturax", "jsonl", "parquet"]
+    path: str = Field(min_length=1,
+                      description="local path or fsspec URI; {run_dir} expands to the run dir")
+    text_column: str = "text"
+    language_column: str | None = None
+    languages: list[LangTag] | None = None
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class LIDConfig(_Section):
+    """Language identification: which backend, and whether it only tags or also filters."""
+
+    backend: Literal["glotlid", "py3langid", "source"] = "source"
+    model_path: str | None = None
+    mode: Literal["tag", "filter"] = "tag"
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+    thresholds: dict[LangTag, Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
+        default_factory=dict
+    )
+
+    @model_validator(mode="after")
+    def _glotlid_needs_model(self) -> LIDConfig:
+        if self.backend == "glotlid" and not self.model_path:
+            raise ValueError("backend 'glotlid' needs model_path (a fastText .bin file)")
+        return self
+
+
+class FilterThresholds(_Section):
+    """Document quality filters; ``None`` disables a filter."""
+
+    min_chars: int | None = Field(20, ge=0)
+    max_chars: int | None = Field(None, ge=1)
+    max_duplicate_line_fraction: float | None = Field(0.3, ge=0.0, le=1.0)
+    max_non_alpha_fraction: float | None = Field(0.5, ge=0.0, le=1.0)
+
+
+class FiltersConfig(FilterThresholds):
+    """Defaults for all languages plus per-language overrides (scripts differ in density)."""
+
+    per_language: dict[LangTag, FilterThresholds] = Field(default_factory=dict)
+
+
+class DedupConfig(_Section):
+    exact: bool = True
+    minhash: bool = False
+    minhash_threshold: float = Field(0.8, gt=0.0, le=1.0)
+    num_perm: int = Field(128, ge=16)
+
+
+class MixConfig(_Section):
+    """How many tokens of each language go into training.
+
+    ``ratios`` are shares of the new-language tokens; ``replay_ratio`` is the share of the total
+    given to the original languages (split evenly unless ``ratios`` names them too).
+    """
+
+    ratios: dict[LangTag, Annotated[float, Field(gt=0.0)]] = Field(default_factory=dict)
+    replay_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    token_budget: int | None = Field(None, ge=1)
+    tokens_per_language: dict[LangTag, Annotated[int, Field(ge=0)]] = Field(
+        default_factory=dict
+    )
+
+
+class DataConfig(_Section):
+    sources: list[DataSource] = Field(default_factory=list)
+    seq_len: int = Field(512, ge=8)
+    validation_fraction: float = Field(0.02, ge=0.0, lt=0.5)
+    tokenizer: str | None = Field(None, description="defaults to the base model's tokenizer")
+    batch_size: int = Field(256, ge=1)
+    lid: LIDConfig = LIDConfig()
+    filters: FiltersConfig = FiltersConfig()
+    dedup: DedupConfig = DedupConfig()
+    mix: MixConfig = MixConfig()
+
+
+class AllocationConfig(_Section):
+    """Which experts serve which language (or named group); expert 0 is the dense FFN's copy."""
+
+    method: Literal["language", "layermoe", "none"] = "language"
+    experts: dict[str, list[Annotated[int, Field(ge=0)]]] = Field(default_factory=dict)
+    groups: dict[str, list[LangTag]] = Field(default_factory=dict)
+    total_new_experts: int | None = Field(None, ge=1, description="LayerMoE budget")
+    classifier_layers: int = Field(0, ge=0, description="LayerMoE: most similar layers")
+
+
+class FreezeConfig(_Section):
+    anchor_expert: bool = True
+    shared: bool = True
+
+
+class UpcycleConfig(_Section):
+    num_experts: int = Field(4, ge=2)
+    top_k: int = Field(2, ge=1)
+    layers: Literal["all"] | list[Annotated[int, Field(ge=0)]] = "all"
+    router_init: Literal["xavier_normal", "zeros", "normal"] = "xavier_normal"
+    router_init_std: float = Field(0.02, gt=0.0)
+    expert_noise_std: float = Field(0.0, ge=0.0)
+    layout: Literal["per_expert", "fused"] = "per_expert"
+    allocation: AllocationConfig = AllocationConfig()
+    freeze: FreezeConfig = FreezeConfig()
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_fits(cls, top_k: int, info: ValidationInfo) -> int:
+        num_experts = info.data.get("num_experts")
+        if num_experts is not None and top_k > num_experts:
+            raise ValueError(f"expected int ≤ upcycle.num_experts ({num_experts}), got {top_k}")
+        return top_k
+
+    @model_validator(mode="after")
+    def _expert_ids_exist(self) -> UpcycleConfig:
+        for name, ids in self.allocation.experts.items():
+            bad = [i for i in ids if i >= self.num_experts]
+            if bad:
+                raise ValueError(
+                    f"allocation.experts.{name}: expert ids {bad} do not exist "
+                    f"(num_experts={self.num_experts})"
+                )
+        return self
+
+
+class ReviewConfig(_Section):
+    """MoE-LPR stage 2: router-only training on a replay set with the LPR loss."""
+
+    enabled: bool = False
+    steps: int = Field(50, ge=1)
+    lr: float = Field(1e-4, gt=0.0)
+    lpr_coef: float = Field(0.1, ge=0.0)
+
+
+class TrainConfig(_Section):
+    steps: int = Field(1000, ge=1)
+    micro_batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-4, gt=0.0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    balance_coef: float = Field(0.01, ge=0.0)
+    lpr_coef: float = Field(0.0, ge=0.0)
+    precision: Literal["bf16", "fp32"] = "bf16"
+    activation_checkpointing: bool = False
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0)
+    log_every: int = Field(10, ge=1)
+    review: ReviewConfig = ReviewConfig()
+
+
+GraftMethod = Literal["deltamoe", "param_delta", "task_arithmetic", "ties", "dare"]
+TensorFamily = Literal["attention", "mlp", "norm", "embed", "lm_head"]
+
+
+class GraftConfig(_Section):
+    method: GraftMethod = "deltamoe"
+    scale: float = Field(1.0, description="λ: global scale of Δpost")
+    expert_scales: dict[int, float] = Field(default_factory=dict, description="α_e per expert")
+    family_scales: dict[TensorFamily, float] = Field(default_factory=dict)
+    density: float = Field(1.0, gt=0.0, le=1.0, description="TIES/DARE share of Δ kept")
+    seed: int = 0
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_shard_size: str = Field("2GB", pattern=r"^\d+(\.\d+)?\s*(B|KB|MB|GB|KiB|MiB|GiB)$")
+    verify: bool = False
+
+
+Variant = Literal[
+    "cpt_dense", "param_delta", "task_arithmetic", "ties", "dare",
+    "flops_matched", "param_matched", "layermoe", "cpt_moe",
+]
+
+
+class BaselinesConfig(_Section):
+    variants: list[Variant] = Field(default_factory=lambda: ["cpt_dense", "param_delta"])
+
+
+Suite = Literal[
+    "synthetic", "belebele", "xcopa", "xnli", "mgsm", "global_mmlu", "xstorycloze",
+    "xwinograd", "pawsx", "flores", "perplexity",
+]
+
+
+class EvaluationConfig(_Section):
+    suites: list[Suite] = Field(default_factory=lambda: ["synthetic"])
+    data_dir: str | None = None
+    batch_size: int = Field(8, ge=1)
+    limit: int | None = Field(None, ge=1)
+    num_fewshot: int = Field(0, ge=0)
+    max_gen_tokens: int = Field(32, ge=1)
+    variants: list[str] | None = None
+
+
+class TrackingConfig(_Section):
+    """MLflow. ``uri`` unset means ``sqlite:///<run_dir>/mlflow.db``; the env var wins."""
+
+    uri: str | None = None
+    experiment: str = "deltamoe"
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+class StorageConfig(_Section):
+    root: str = Field("runs", description="local path or fsspec URI holding runs/<run_name>/")
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ResourcesConfig(_Section):
+    ray_address: str | None = Field(None, description="None: local Ray; 'auto': running one")
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(0.5, gt=0.0)
+    gpus_per_worker: float = Field(1.0, ge=0.0)
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+
+
+class WorldConfig(_Section):
+    """The synthetic demo world; when set it makes the model pair if ``models`` is absent."""
+
+    seed: int = 0
+    arch: Literal["llama", "qwen2"] = "llama"
+    num_people: int = Field(160, ge=8)
+    docs_per_language: int = Field(800, ge=10)
+    vocab_size: int = Field(4096, ge=300)
+
+
+class RunConfig(_Section):
+    """A whole expansion run: one file, one fingerprint per stage, one MLflow parent run."""
+
+    run_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=128)
+    seed: int = 0
+    models: ModelsConfig | None = None
+    world: WorldConfig | None = None
+    languages: LanguagesConfig
+    data: DataConfig = DataConfig()
+    upcycle: UpcycleConfig = UpcycleConfig()
+    train: TrainConfig = TrainConfig()
+    graft: GraftConfig = GraftConfig()
+    baselines: BaselinesConfig = BaselinesConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    storage: StorageConfig = StorageConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+
+    def cross_section_issues(self) -> list[tuple[str, str]]:
+        """Rules that span sections; pydantic checks each section alone."""
+        issues: list[tuple[str, str]] = []
+        if self.models is None and self.world is None:
+            issues.append(("models", "required unless a synthetic `world` section makes the pair"))
+        run_langs = set(self.languages.all)
+        alloc = self.upcycle.allocation
+        for group, members in alloc.groups.items():
+            for tag in members:
+                if tag not in run_langs:
+                    issues.append((f"upcycle.allocation.groups.{group}",
+                                   f"{tag} is not one of the run's languages "
+                                   f"({', '.join(sorted(run_langs))})"))
+        for name in alloc.experts:
+            if name in alloc.groups:
+                continue
+            try:
+                tag = _lang_tag(name)
+            except ValueError as err:
+                issues.append((f"upcycle.allocation.experts.{name}",
+                               "neither a group in upcycle.allocation.groups "
+                               f"nor a language: {err}"))
+                continue
+            if tag not in run_langs:
+                issues.append((f"upcycle.allocation.experts.{name}",
+                               f"{tag} is not one of the run's languages"))
+        for key in ("ratios", "tokens_per_language"):
+            for tag in getattr(self.data.mix, key):
+                if tag not in run_langs:
+                    issues.append((f"data.mix.{key}.{tag}",
+                                   f"{tag} is not one of the run's languages"))
+        for i, src in enumerate(self.data.sources):
+            for tag in src.languages or []:
+                if tag not in run_langs:
+                    issues.append((f"data.sources.{i}.languages",
+                                   f"{tag} is not one of the run's languages"))
+        for tag in self.data.lid.thresholds:
+            if tag not in run_langs:
+                issues.append((f"data.lid.thresholds.{tag}", "not one of the run's languages"))
+        if self.train.warmup_steps > self.train.steps:
+            issues.append(("train.warmup_steps",
+                           f"expected ≤ train.steps ({self.train.steps}), "
+                           f"got {self.train.warmup_steps}"))
+        return issues
+
+    def section(self, name: str) -> dict[str, Any]:
+        """One section as plain JSON data with secrets masked: what stage fingerprints hash."""
+        return self.model_dump(mode="json", include={name})[name]
+
+
+# --------------------------------------------------------------------------- loading
+
+_ENV_PATTERN = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+
+
+def _interpolate(node: Any, path: str, env: Mapping[str, str],
+                 issues: list[tuple[str, str]]) -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string; ``$$`` is a literal ``$``."""
+    if isinstance(node, dict):
+        return {k: _interpolate(v, _join(path, k), env, issues) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, _join(path, i), env, issues) for i, v in enumerate(node)]
+    if not isinstance(node, str):
+        return node
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        var, default = match.group(1), match.group(2)
+        if var in env:
+            return env[var]
+        if default is not None:
+            return default
+        issues.append((path, f"environment variable {var} is not set "
+                             f"(write ${{{var}:-default}} to give a default)"))
+        return ""
+
+    return _ENV_PATTERN.sub(replace, node)
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _yaml_lines(text: str) -> dict[str, int]:
+    """Key path → 1-based line of that key, so errors point into the file."""
+    lines: dict[str, int] = {}
+
+    def walk(node: yaml.Node, path: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                sub = _join(path, key_node.value)
+                lines[sub] = key_node.start_mark.line + 1
+                walk(value_node, sub)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                sub = _join(path, i)
+                lines[sub] = item.start_mark.line + 1
+                walk(item, sub)
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, "")
+    return lines
+
+
+def _unwrap(annotation: Any) -> list[Any]:
+    """The concrete types inside Optional/Union/Annotated."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _unwrap(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return [t for arg in typing.get_args(annotation) for t in _unwrap(arg)]
+    return [annotation]
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the section found at ``loc``, to suggest the key a typo meant."""
+    candidates: list[Any] = [model]
+    for part in loc:
+        nxt: list[Any] = []
+        for cand in candidates:
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                field = cand.model_fields.get(str(part))
+                if field is not None:
+                    nxt.extend(_unwrap(field.annotation))
+            elif typing.get_origin(cand) in (list, dict):
+                nxt.extend(_unwrap(typing.get_args(cand)[-1]))
+        candidates = nxt
+    names: list[str] = []
+    for cand in candidates:
+        if isinstance(cand, type) and issubclass(cand, BaseModel):
+            names.extend(cand.model_fields)
+    return names
+
+
+def _issues_from(err: ValidationError) -> list[tuple[str, str]]:
+    issues = []
+    for e in err.errors(include_url=False):
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and "[" in p))
+        path = ".".join(str(p) for p in loc)
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            known = _fields_at(RunConfig, loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else \
+                (f"; known keys: {', '.join(known)}" if known else "")
+            issues.append((path, f"unknown key{hint}"))
+        elif kind == "missing":
+            issues.append((path, "required key is missing"))
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            shown = e.get("input")
+            plain = not isinstance(shown, dict | list)
+            if kind not in ("value_error", "assertion_error") and plain:
+                msg = f"{msg} (got {shown!r})"
+            issues.append((path, msg))
+    return issues
+
+
+def parse_config(data: Mapping[str, Any], *, source: str | None = None,
+                 env: Mapping[str, str] | None = None,
+                 lines: Mapping[str, int] | None = None) -> RunConfig:
+    """Validate already-parsed YAML data (after ``${ENV}`` interpolation) into a RunConfig."""
+    if not isinstance(data, Mapping):
+        raise ConfigError([("", f"expected a mapping at the top level, got {type(data).__name__}")],
+                          source)
+    issues: list[tuple[str, str]] = []
+    data = _interpolate(dict(data), "", os.environ if env is None else env, issues)
+    if issues:
+        raise ConfigError(issues, source, lines)
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_issues_from(err), source, lines) from None
+    issues = cfg.cross_section_issues()
+    if issues:
+        raise ConfigError(issues, source, lines)
+    return cfg
+
+
+def load_config(path: str | Path, *, env: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Load a run config from YAML; ``overrides`` are dotted keys (``train.steps``) set on top."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([("", "config file not found")], str(path)) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError([("", f"cannot read config: {err}")], str(path)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError([("", f"invalid YAML: {err}")], str(path)) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([("", "expected a mapping at the top level")], str(path))
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    return parse_config(data, source=str(path), env=env, lines=_yaml_lines(text))
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[leaf] = value
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config (defaults filled in, secrets masked) as YAML."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+

@@ -1,0 +1,172 @@
+"""The ``deltamoe`` command line.
+
+Every stage of the workflow has a subcommand; the ones whose stage is not built yet say so and
+exit non-zero instead of pretending. Errors a user can fix (a bad config, a missing path) are
+printed as one clear message with exit status 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from components.config import ConfigError, dump_config, load_config
+
+DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
+
+_PENDING = {
+    "run": "the end-to-end expansion workflow",
+    "data": "the data stage (read, language-tag, filter, dedup, tokenize, pack)",
+    "upcycle": "dense → MoE upcycling",
+    "train": "continued pre-training on Ray Train",
+    "graft": "the Δpost graft and merge baselines",
+    "evaluate": "per-language evaluation",
+    "report": "the HTML report from MLflow",
+    "submit": "submission to a Ray cluster",
+}
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)])
+    for noisy in ("alembic", "mlflow.store.db.utils", "mlflow.tracking", "urllib3", "filelock",
+                  "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.version_option(package_name="deltamoe")
+def cli(verbose: bool) -> None:
+    """DeltaMoE: add languages to an instruct LLM without alignment data.
+
+    Upcycle the dense base into a language-allocated MoE, continue pre-training on the new
+    languages, then graft the post-training delta (θ_instruct − θ_base) onto it.
+    """
+    _setup_logging(verbose)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@cli.group()
+def config() -> None:
+    """Validate or show a run config (YAML with ${ENV} interpolation)."""
+
+
+@config.command("validate")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def config_validate(file: Path) -> None:
+    """Check FILE; on error print each bad key's path (and line) and exit 2."""
+    cfg = load_config(file)
+    click.echo(f"{file}: valid (run '{cfg.run_name}', original "
+               f"{', '.join(cfg.languages.original)}; new {', '.join(cfg.languages.new)})")
+
+
+@config.command("show")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def config_show(file: Path) -> None:
+    """Print FILE resolved: environment substituted, defaults filled in, secrets masked."""
+    click.echo(dump_config(load_config(file)), nl=False)
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              default=DEMO_CONFIG, show_default="workflows/configs/demo.yaml",
+              help="Run config of the demo.")
+@click.pass_context
+def demo(ctx: click.Context, config_file: Path) -> None:
+    """Run the main job on the embedded default: the synthetic world, local Ray and MLflow.
+
+    Without a subcommand: every stage that exists so far, tracked in MLflow under runs/.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from workflows.demo import run_demo
+
+    result = run_demo(config_file)
+    click.echo(result.summary())
+
+
+@demo.command("world")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder to write (built atomically; skipped if already complete).")
+@click.option("--seed", default=0, show_default=True, help="World seed: same seed, same bytes.")
+@click.option("--arch", type=click.Choice(["llama", "qwen2"]), default="llama",
+              show_default=True, help="Architecture of the tiny model.")
+@click.option("--people", "num_people", default=None, type=int, help="Number of entities.")
+@click.option("--docs", "docs_per_language", default=None, type=int,
+              help="Documents per language.")
+@click.option("--vocab-size", default=None, type=int, help="Tokenizer vocabulary size.")
+def demo_world(out_dir: Path, seed: int, arch: str, num_people: int | None,
+               docs_per_language: int | None, vocab_size: int | None) -> None:
+    """Generate the synthetic multilingual world, its tokenizer and a tiny base model."""
+    from components.config import WorldConfig
+    from components.storage import StageDir
+    from workflows.world import ensure_world
+
+    overrides = {k: v for k, v in {"num_people": num_people, "vocab_size": vocab_size,
+                                   "docs_per_language": docs_per_language}.items()
+                 if v is not None}
+    world = WorldConfig(seed=seed, arch=arch, **overrides)
+    manifest, built = ensure_world(StageDir(str(out_dir.resolve())), world)
+    state = "built" if built else "already complete, skipped"
+    click.echo(f"world {state}: {out_dir} ({len(manifest.outputs)} files, "
+               f"{manifest.total_bytes / 1e6:.1f} MB)")
+
+
+# ----------------------------------------------------------------------------- later stages
+
+
+def _pending(name: str, what: str) -> click.Command:
+    @click.command(name, context_settings={"ignore_unknown_options": True,
+                                           "allow_extra_args": True},
+                   help=f"{what[0].upper()}{what[1:]}. Not available yet.")
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def command(args: tuple[str, ...]) -> None:
+        click.echo(f"deltamoe {name}: {what} is not available yet in this version.", err=True)
+        sys.exit(2)
+
+    return command
+
+
+for _name, _what in _PENDING.items():
+    cli.add_command(_pending(_name, _what))
+
+
+def main() -> None:
+    """Console entry point: user errors become one message and exit status 2."""
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except ConfigError as err:
+        click.echo(f"config error:\n{err}", err=True)
+        sys.exit(2)
+    except (FileNotFoundError, NotADirectoryError, PermissionError) as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except SystemExit:
+        raise
+    except BaseException as err:
+        if isinstance(err, KeyboardInterrupt):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""The synthetic-world stage: build (or skip) the demo world inside an atomic stage folder."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, is_dataclass
+from typing import Any
+
+from components.synthetic.build import GENERATOR_VERSION
+
+from components.config import WorldConfig
+from components.storage import Manifest, StageDir, fingerprint
+from components.synthetic import build_world
+
+
+def world_fingerprint(world: WorldConfig) -> str:
+    """Same settings and generator version → same bytes, so the stage can be skipped."""
+    return fingerprint("world", GENERATOR_VERSION, world.model_dump(mode="json"))
+
+
+def ensure_world(stage: StageDir, world: WorldConfig) -> tuple[Manifest, bool]:
+    """Build the world into ``stage`` unless a matching one is there; returns (manifest, built)."""
+    fp = world_fingerprint(world)
+    if stage.is_complete(fp):
+        manifest = stage.read_manifest()
+        assert manifest is not None
+        return manifest, False
+    with stage.build(fp, config=world.model_dump(mode="json")) as work:
+        summary = build_world(
+            work.path, seed=world.seed, arch=world.arch, num_people=world.num_people,
+            docs_per_language=world.docs_per_language, vocab_size=world.vocab_size,
+        )
+        work.extra["summary"] = _plain(summary)
+    manifest = stage.read_manifest()
+    assert manifest is not None
+    return manifest, True
+
+
+def _plain(obj: Any) -> Any:
+    """A summary dataclass as JSON-ready data (paths become strings)."""
+    if is_dataclass(obj):
+        return {k: _plain(v) for k, v in asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, int | float | str | bool) or obj is None:
+        return obj
+    return str(obj)
