@@ -96,7 +96,7 @@ def test_env_interpolation(tmp_path: Path) -> None:
         run_name: ${RUN:-fallback}
         models: {base: "${MODELS}/base", post: "${MODELS}/post", hf_token: "${HF_TOKEN}"}
         languages: {original: [eng_Latn], new: [swh_Latn]}
-        train: {steps: "${STEPS}"}
+        train: {steps: "${STEPS}", warmup_steps: 0}
         storage: {root: "$${literal}"}
         """)
     cfg = load_config(path, env={"MODELS": "/m", "STEPS": "7", "HF_TOKEN": "hf_secret"})
@@ -163,7 +163,8 @@ def test_glotlid_needs_model_path() -> None:
 
 
 def test_overrides_apply_dotted_keys() -> None:
-    cfg = load_config(DEMO, env={}, overrides={"train.steps": 3, "upcycle.top_k": 1})
+    cfg = load_config(DEMO, env={}, overrides={"train.steps": 3, "train.warmup_steps": 1,
+                                                  "upcycle.top_k": 1})
     assert (cfg.train.steps, cfg.upcycle.top_k) == (3, 1)
 
 
