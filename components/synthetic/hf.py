@@ -1,0 +1,87 @@
+"""A byte-level BPE tokenizer trained on the world's corpora and a tiny dense causal LM.
+
+Both are saved as ordinary Hugging Face directories, so every later stage loads them exactly as
+it would load Llama or Qwen2 from a hub: ``AutoTokenizer`` / ``AutoModelForCausalLM``, offline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+EOS = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS = (EOS, IM_START, IM_END)
+
+# ChatML, the template Qwen2 instruct models use: one familiar shape for every later stage.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+ARCHITECTURES = ("llama", "qwen2")
+
+
+def train_tokenizer(texts: Iterable[str], out_dir: Path,
+                    vocab_size: int) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE (no unknown bytes, any script) and save it with the chat template.
+
+    The trainer sees texts in the given order and breaks ties deterministically, so the same
+    texts give the same ``tokenizer.json`` byte for byte.
+    """
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token=EOS, pad_token=EOS,
+        additional_special_tokens=[IM_START, IM_END], model_max_length=512,
+    )
+    wrapped.chat_template = CHAT_TEMPLATE
+    wrapped.save_pretrained(out_dir)
+    return wrapped
+
+
+def build_tiny_model(tokenizer: PreTrainedTokenizerFast, out_dir: Path, *, arch: str = "llama",
+                     seed: int = 0, hidden_size: int = 192, num_layers: int = 4,
+                     intermediate_size: int = 512) -> int:
+    """Build a randomly initialised tiny Llama or Qwen2 (a few million parameters) and save it
+    with the tokenizer; returns the parameter count."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
+    eos_id = tokenizer.convert_tokens_to_ids(EOS)
+    common = dict(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=eos_id,
+        eos_token_id=eos_id, pad_token_id=eos_id, rms_norm_eps=1e-6,
+    )
+    config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if arch == "llama" else \
+        (Qwen2Config, Qwen2ForCausalLM)
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**common)).to(torch.float32)
+    model.generation_config = GenerationConfig(
+        bos_token_id=eos_id, eos_token_id=[eos_id, tokenizer.convert_tokens_to_ids(IM_END)],
+        pad_token_id=eos_id, do_sample=False, max_new_tokens=32,
+    )
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,112 @@
+"""The demo entry points: `deltamoe demo world` (atomic, deterministic, loadable offline) and
+`deltamoe demo` (world stage + MLflow parent/child runs, skipped on rerun)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from components.storage import MANIFEST
+from workflows.cli import DEMO_CONFIG
+
+SMALL = ["--people", "16", "--docs", "24", "--vocab-size", "600"]
+
+
+def _deltamoe(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "workflows.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=600)
+
+
+def _digests(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def two_worlds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("worlds")
+    for name in ("a", "b"):
+        proc = _deltamoe("demo", "world", "--out", str(root / name), "--seed", "3", *SMALL)
+        assert proc.returncode == 0, proc.stderr
+        assert "world built" in proc.stdout
+    return root / "a", root / "b"
+
+
+def test_same_seed_gives_byte_identical_world(two_worlds: tuple[Path, Path]) -> None:
+    a, b = (_digests(p) for p in two_worlds)
+    # manifest.json records when each build ran; every file it lists must be identical
+    assert a.pop(MANIFEST) and b.pop(MANIFEST)
+    assert a == b
+    assert len(a) > 20
+
+
+def test_world_layouts_and_offline_loading(two_worlds: tuple[Path, Path]) -> None:
+    world = two_worlds[0]
+    fineweb = sorted(p.name for p in (world / "corpora/fineweb2/data").iterdir())
+    culturax = sorted(p.name for p in (world / "corpora/culturax").iterdir())
+    assert len(fineweb) >= 4 and len(culturax) >= 4
+    assert any(tag.endswith("_Cyrl") for tag in fineweb)
+    for tag in fineweb:
+        assert list((world / "corpora/fineweb2/data" / tag / "train").glob("*.parquet"))
+        assert (world / "eval" / tag).is_dir() and (world / "instructions" / tag).is_dir()
+    script = f"""
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained({str(world / 'model')!r})
+model = AutoModelForCausalLM.from_pretrained({str(world / 'model')!r})
+ids = tok("Kamoru", return_tensors="pt").input_ids
+print(model(ids).logits.shape[-1] == len(tok))
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("True")
+
+
+def test_rerun_skips_and_other_seed_differs(two_worlds: tuple[Path, Path],
+                                            tmp_path: Path) -> None:
+    again = _deltamoe("demo", "world", "--out", str(two_worlds[0]), "--seed", "3", *SMALL)
+    assert again.returncode == 0 and "already complete, skipped" in again.stdout
+    other = tmp_path / "c"
+    proc = _deltamoe("demo", "world", "--out", str(other), "--seed", "4", *SMALL)
+    assert proc.returncode == 0, proc.stderr
+    a, c = _digests(two_worlds[0]), _digests(other)
+    assert a["corpora/fineweb2/data/eng_Latn/train/000_00000.parquet"] != \
+        c["corpora/fineweb2/data/eng_Latn/train/000_00000.parquet"]
+
+
+def test_demo_main_job_tracks_world_stage(tmp_path: Path, monkeypatch) -> None:
+    from workflows.demo import run_demo
+
+    cfg = yaml.safe_load(DEMO_CONFIG.read_text())
+    cfg["world"].update(num_people=16, docs_per_language=24, vocab_size=600)
+    cfg["storage"]["root"] = str(tmp_path / "runs")
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    first = run_demo(path)
+    assert first.stages == {"world": "built"}
+    second = run_demo(path)
+    assert second.stages == {"world": "skipped (manifest matches)"}
+    assert second.parent_run_id == first.parent_run_id
+    client = MlflowClient(first.tracking_uri)
+    assert first.tracking_uri == f"sqlite:///{tmp_path / 'runs' / 'demo' / 'mlflow.db'}"
+    parent = client.get_run(first.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["languages.new"] == '["swh_Latn", "rus_Cyrl"]'
+    [child] = client.search_runs([parent.info.experiment_id],
+                                 f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{first.parent_run_id}'")
+    assert child.data.tags["deltamoe.stage"] == "world"
+    assert child.data.metrics["world/files"] > 20
+    models = client.search_logged_models([parent.info.experiment_id])
+    assert [m.name for m in models] == ["world-base-init"]
+    assert models[0].tags["uri"].endswith("/demo/world/model")
+    assert "mlflow ui --backend-store-uri" in first.summary()
