@@ -106,6 +106,7 @@ def test_demo_main_job_tracks_world_stage(tmp_path: Path, monkeypatch) -> None:
                                  f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{first.parent_run_id}'")
     assert child.data.tags["deltamoe.stage"] == "world"
     assert child.data.metrics["world/files"] > 20
+    assert child.data.metrics["world/documents/swh_Latn"] == 24 + 1 + 1  # + planted dup, junk
     models = client.search_logged_models([parent.info.experiment_id])
     assert [m.name for m in models] == ["world-base-init"]
     assert models[0].tags["uri"].endswith("/demo/world/model")

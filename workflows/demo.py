@@ -14,6 +14,8 @@ from components.storage import RunDir, fingerprint
 from components.tracking import ExpansionTracker, resolve_tracking_uri
 from workflows.world import ensure_world
 
+PENDING_STAGES = ("data", "upcycle", "train", "graft", "evaluate", "report")
+
 
 @dataclass
 class DemoResult:
@@ -25,6 +27,7 @@ class DemoResult:
     def summary(self) -> str:
         lines = [f"run directory: {self.run_dir}"]
         lines += [f"  {name:<8} {state}" for name, state in self.stages.items()]
+        lines.append(f"  not built yet: {', '.join(PENDING_STAGES)}")
         lines.append(f"MLflow run {self.parent_run_id} in {self.tracking_uri}")
         if self.tracking_uri.startswith("sqlite:///"):
             lines.append(f"browse: mlflow ui --backend-store-uri {self.tracking_uri} "
@@ -52,8 +55,12 @@ def run_demo(config_path: str | Path) -> DemoResult:
             manifest, built = ensure_world(stage, cfg.world)
             summary = manifest.extra.get("summary", {})
             logger.log_params({"world": cfg.world.model_dump(mode="json")})
-            logger.log_metrics({"world/files": len(manifest.outputs),
-                                "world/bytes": manifest.total_bytes}, step=0)
+            metrics = {"world/files": len(manifest.outputs), "world/bytes": manifest.total_bytes,
+                       "world/model_parameters": summary.get("model_parameters", 0),
+                       "world/vocab_size": summary.get("vocab_size", 0)}
+            metrics.update({f"world/documents/{tag}": n
+                            for tag, n in summary.get("documents", {}).items()})
+            logger.log_metrics(metrics, step=0)
             logger.log_dict(summary, "world_summary.json")
             if built:
                 logger.log_external_model("world-base-init", f"{stage.uri}/model", manifest,
