@@ -5,11 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, is_dataclass
 from typing import Any
 
-from components.synthetic.build import GENERATOR_VERSION
-
 from components.config import WorldConfig
 from components.storage import Manifest, StageDir, fingerprint
-from components.synthetic import build_world
+from components.synthetic import GENERATOR_VERSION, build_world
 
 
 def world_fingerprint(world: WorldConfig) -> str:
