@@ -172,6 +172,12 @@ def test_tokenizer_and_model_load_offline(world: Path) -> None:
     rendered = tok.apply_chat_template([{"role": "user", "content": "Where does Kamo live?"}],
                                        tokenize=False, add_generation_prompt=True)
     assert rendered == "<|im_start|>user\nWhere does Kamo live?<|im_end|>\n<|im_start|>assistant\n"
+    for tag in LANGUAGES:  # the rendered texts in the files are what the tokenizer renders
+        sft = _jsonl(world / "instructions" / tag / "train.jsonl")[0]
+        assert sft["text"] == tok.apply_chat_template(sft["messages"], tokenize=False)
+        prompt = _jsonl(world / "eval" / tag / "instruct.jsonl")[0]
+        assert prompt["text"] == tok.apply_chat_template(prompt["messages"], tokenize=False,
+                                                         add_generation_prompt=True)
     ids = tok("Тару живёт в городе Микело.", return_tensors="pt").input_ids
     assert tok.decode(ids[0]) == "Тару живёт в городе Микело."
     with torch.no_grad():

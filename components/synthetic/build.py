@@ -31,9 +31,9 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from components.synthetic.grammar import ATTRIBUTES, LANGUAGES, NUM_VALUES, LanguageSpec
-from components.synthetic.hf import build_tiny_model, train_tokenizer
+from components.synthetic.hf import build_tiny_model, render_chat, train_tokenizer
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 DEFAULT_ORIGINAL = ("eng_Latn", "deu_Latn")
 DEFAULT_NEW = ("swh_Latn", "rus_Cyrl")
 _SYLLABLES = ("ka", "mo", "ru", "be", "li", "ta", "no", "vi", "se", "du", "ra", "ki", "lo",
@@ -179,7 +179,9 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def instruction_rows(spec: LanguageSpec, people: list[Person], rng: random.Random,
                      with_answer_turn: bool) -> list[dict[str, Any]]:
-    """Question → bare answer word, every attribute and question form, per person."""
+    """Question → bare answer word, every attribute and question form, per person; ``text`` is
+    the conversation rendered with the chat template (a prompt ending in the assistant turn
+    when there is no answer turn)."""
     rows = []
     for person in people:
         name = spec.name_of(person.name)
@@ -190,7 +192,9 @@ def instruction_rows(spec: LanguageSpec, people: list[Person], rng: random.Rando
                 if with_answer_turn:
                     messages.append({"role": "assistant", "content": answer})
                 rows.append({"messages": messages, "answer": answer, "attribute": attr,
-                             "person": person.name, "lang": spec.tag})
+                             "person": person.name, "lang": spec.tag,
+                             "text": render_chat(messages,
+                                                 add_generation_prompt=not with_answer_turn)})
     rng.shuffle(rows)
     return rows
 

@@ -7,8 +7,10 @@ it would load Llama or Qwen2 from a hub: ``AutoTokenizer`` / ``AutoModelForCausa
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import cache
 from pathlib import Path
 
+import jinja2
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -34,6 +36,17 @@ CHAT_TEMPLATE = (
 )
 
 ARCHITECTURES = ("llama", "qwen2")
+
+
+@cache
+def _template() -> jinja2.Template:
+    return jinja2.Environment(autoescape=False).from_string(CHAT_TEMPLATE)
+
+
+def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    """Render messages exactly as the saved tokenizer's ``apply_chat_template`` would, without
+    needing the tokenizer (the instruction files are written before it is trained)."""
+    return _template().render(messages=messages, add_generation_prompt=add_generation_prompt)
 
 
 def train_tokenizer(texts: Iterable[str], out_dir: Path,
