@@ -111,3 +111,13 @@ def test_demo_main_job_tracks_world_stage(tmp_path: Path, monkeypatch) -> None:
     assert [m.name for m in models] == ["world-base-init"]
     assert models[0].tags["uri"].endswith("/demo/world/model")
     assert "mlflow ui --backend-store-uri" in first.summary()
+
+
+def test_world_refuses_a_foreign_folder(tmp_path: Path) -> None:
+    precious = tmp_path / "documents"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("do not delete")
+    proc = _deltamoe("demo", "world", "--out", str(precious), *SMALL)
+    assert proc.returncode == 2
+    assert "holds no world built by deltamoe" in proc.stderr
+    assert [p.name for p in precious.iterdir()] == ["thesis.tex"]

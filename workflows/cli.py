@@ -18,6 +18,12 @@ from components.config import ConfigError, dump_config, load_config
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 
+
+class UserError(click.ClickException):
+    """Something the user can fix; exit status 2 like every other input error."""
+
+    exit_code = 2
+
 _PENDING = {
     "run": "the end-to-end expansion workflow",
     "data": "the data stage (read, language-tag, filter, dedup, tokenize, pack)",
@@ -118,7 +124,12 @@ def demo_world(out_dir: Path, seed: int, arch: str, num_people: int | None,
                                    "docs_per_language": docs_per_language}.items()
                  if v is not None}
     world = WorldConfig(seed=seed, arch=arch, **overrides)
-    manifest, built = ensure_world(StageDir(str(out_dir.resolve())), world)
+    stage = StageDir(str(out_dir.resolve()))
+    if out_dir.is_dir() and any(out_dir.iterdir()) and stage.read_manifest() is None:
+        # A rebuild replaces the folder: never do that to a folder this tool did not write.
+        raise UserError(f"{out_dir} exists, is not empty and holds no world built "
+                                   "by deltamoe; choose a new or empty folder")
+    manifest, built = ensure_world(stage, world)
     state = "built" if built else "already complete, skipped"
     click.echo(f"world {state}: {out_dir} ({len(manifest.outputs)} files, "
                f"{manifest.total_bytes / 1e6:.1f} MB)")
