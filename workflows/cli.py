@@ -27,7 +27,6 @@ class UserError(click.ClickException):
 _PENDING = {
     "run": "the end-to-end expansion workflow",
     "data": "the data stage (read, language-tag, filter, dedup, tokenize, pack)",
-    "upcycle": "dense → MoE upcycling",
     "train": "continued pre-training on Ray Train",
     "graft": "the Δpost graft and merge baselines",
     "evaluate": "per-language evaluation",
@@ -133,6 +132,65 @@ def demo_world(out_dir: Path, seed: int, arch: str, num_people: int | None,
     state = "built" if built else "already complete, skipped"
     click.echo(f"world {state}: {out_dir} ({len(manifest.outputs)} files, "
                f"{manifest.total_bytes / 1e6:.1f} MB)")
+
+
+# ----------------------------------------------------------------------------- upcycle
+
+
+@cli.command()
+@click.option("--model", "model_dir", required=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Dense Hugging Face model directory (safetensors).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="MoE directory to write (built atomically; skipped if already complete).")
+@click.option("--num-experts", default=4, show_default=True, help="Experts per MoE layer.")
+@click.option("--top-k", default=2, show_default=True, help="Experts per token.")
+@click.option("--layers", default=None, help="Comma-separated layer ids to upcycle (Qwen only; "
+              "default: all).")
+@click.option("--router-init", type=click.Choice(["xavier_normal", "zeros", "normal"]),
+              default="xavier_normal", show_default=True)
+@click.option("--expert-noise-std", default=0.0, show_default=True,
+              help="Gaussian noise on non-anchor experts (0 keeps them exact copies).")
+@click.option("--seed", default=0, show_default=True)
+def upcycle(model_dir: Path, out_dir: Path, num_experts: int, top_k: int, layers: str | None,
+            router_init: str, expert_noise_std: float, seed: int) -> None:
+    """Turn a dense model into a Mixture-of-Experts whose experts copy the dense FFN.
+
+    Llama/Mistral → Mixtral, Qwen2 → Qwen2-MoE, Qwen3 → Qwen3-MoE; the output loads with
+    AutoModelForCausalLM and computes exactly what the dense model computes until trained.
+    """
+    from dataclasses import asdict
+
+    from components.moe.families import UnsupportedArchitectureError
+    from components.moe.upcycle import UpcycleError, UpcycleOptions
+    from components.moe.upcycle import upcycle as run_upcycle
+    from components.storage import StageDir, fingerprint
+
+    try:
+        layer_ids = tuple(int(x) for x in layers.split(",")) if layers else None
+    except ValueError:
+        raise UserError(f"--layers: expected comma-separated integers, got {layers!r}") from None
+    options = UpcycleOptions(num_experts=num_experts, top_k=top_k, layers=layer_ids,
+                             router_init=router_init, expert_noise_std=expert_noise_std,
+                             seed=seed)
+    stage = StageDir(str(out_dir.resolve()))
+    if out_dir.is_dir() and any(out_dir.iterdir()) and stage.read_manifest() is None:
+        raise UserError(f"{out_dir} exists, is not empty and was not written by deltamoe")
+    fp = fingerprint("upcycle", str(model_dir.resolve()), asdict(options))
+    if stage.is_complete(fp):
+        click.echo(f"{out_dir}: already complete, skipped")
+        return
+    try:
+        with stage.build(fp, inputs={"model": str(model_dir.resolve())},
+                         config=asdict(options)) as work:
+            result = run_upcycle(model_dir, work.path, options)
+            work.extra["accounting"] = asdict(result)
+    except (UpcycleError, UnsupportedArchitectureError) as err:
+        raise UserError(str(err)) from None
+    click.echo(f"{result.moe_type} written to {out_dir}: {len(result.moe_layers)} MoE layers × "
+               f"{num_experts} experts (top-{top_k})\n"
+               f"parameters: dense {result.dense_parameters:,}, MoE total "
+               f"{result.moe_parameters:,}, active per token {result.active_parameters:,}")
 
 
 # ----------------------------------------------------------------------------- later stages

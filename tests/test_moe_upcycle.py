@@ -1,0 +1,141 @@
+"""Upcycling: the MoE computes what the dense model computes, for every family; bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from components.moe.families import UnsupportedArchitectureError
+from components.moe.upcycle import UpcycleError, UpcycleOptions, upcycle
+
+TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            tie_word_embeddings=False)
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, "mixtral"),
+    "mistral": (MistralConfig, MistralForCausalLM, "mixtral"),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, "qwen2_moe"),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, "qwen3_moe"),
+}
+
+
+def _dense(root: Path, family: str, seed: int = 0) -> Path:
+    config_cls, model_cls, _ = FAMILIES[family]
+    torch.manual_seed(seed)
+    extra = {"head_dim": 8} if family == "qwen3" else {}
+    model = model_cls(config_cls(**TINY, **extra)).eval()
+    path = root / f"dense-{family}"
+    model.save_pretrained(path)
+    return path
+
+
+def _logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_upcycled_logits_equal_dense(tmp_path: Path, family: str) -> None:
+    dense = _dense(tmp_path, family)
+    out = tmp_path / "moe"
+    out.mkdir()
+    result = upcycle(dense, out, UpcycleOptions(num_experts=4, top_k=2, seed=1,
+                                                max_shard_bytes=60_000))
+    assert result.moe_type == FAMILIES[family][2]
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == result.moe_type
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # sharded
+    ids = torch.randint(0, TINY["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(0))
+    diff = (_logits(out, ids) - _logits(dense, ids)).abs().max().item()
+    assert diff <= 1e-5
+    moe = AutoModelForCausalLM.from_pretrained(out)
+    generated = moe.generate(ids[:1, :3], max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, 7)
+    assert result.moe_parameters > result.active_parameters > result.dense_parameters
+    assert str(dense) in (out / "README.md").read_text()
+
+
+def test_router_and_experts_are_what_was_asked(tmp_path: Path) -> None:
+    dense = _dense(tmp_path, "llama")
+    out = tmp_path / "moe"
+    out.mkdir()
+    upcycle(dense, out, UpcycleOptions(num_experts=3, top_k=1, router_init="zeros"))
+    moe = AutoModelForCausalLM.from_pretrained(out)
+    dense_model = AutoModelForCausalLM.from_pretrained(dense)
+    layer, dense_layer = moe.model.layers[1].mlp, dense_model.model.layers[1].mlp
+    assert torch.count_nonzero(layer.gate.weight) == 0
+    gate_up = torch.cat([dense_layer.gate_proj.weight, dense_layer.up_proj.weight])
+    for expert in range(3):  # every expert an exact copy of the dense FFN (fused in memory)
+        assert torch.equal(layer.experts.gate_up_proj[expert], gate_up)
+        assert torch.equal(layer.experts.down_proj[expert], dense_layer.down_proj.weight)
+
+
+def test_qwen_keeps_chosen_layers_dense(tmp_path: Path) -> None:
+    dense = _dense(tmp_path, "qwen2")
+    out = tmp_path / "moe"
+    out.mkdir()
+    result = upcycle(dense, out, UpcycleOptions(num_experts=2, top_k=1, layers=(0, 2)))
+    assert result.moe_layers == [0, 2]
+    assert json.loads((out / "config.json").read_text())["mlp_only_layers"] == [1]
+    ids = torch.arange(9).unsqueeze(0)
+    assert (_logits(out, ids) - _logits(dense, ids)).abs().max().item() <= 1e-5
+
+
+def test_bad_input(tmp_path: Path) -> None:
+    dense = _dense(tmp_path, "llama")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(UpcycleError, match="num_experts: expected ≥ 2"):
+        upcycle(dense, out, UpcycleOptions(num_experts=1, top_k=1))
+    with pytest.raises(UpcycleError, match=r"top_k: expected 1 ≤ top_k ≤ num_experts \(2\)"):
+        upcycle(dense, out, UpcycleOptions(num_experts=2, top_k=3))
+    with pytest.raises(UpcycleError, match="no switch for dense layers"):
+        upcycle(dense, out, UpcycleOptions(layers=(0,)))
+    config = json.loads((dense / "config.json").read_text())
+    (dense / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    with pytest.raises(UnsupportedArchitectureError, match=r"'gpt2'.*llama/mistral → mixtral"):
+        upcycle(dense, out, UpcycleOptions())
+    (dense / "config.json").write_text(json.dumps(config))
+    (dense / "model.safetensors").write_bytes(b"\x10\x00garbage")
+    with pytest.raises(UpcycleError, match="unreadable safetensors"):
+        upcycle(dense, out, UpcycleOptions())
+    (dense / "model.safetensors").unlink()
+    with pytest.raises(UpcycleError, match=r"no model\.safetensors"):
+        upcycle(dense, out, UpcycleOptions())
+    assert list(out.iterdir()) == []  # nothing written for any bad input
+
+
+def test_upcycle_command(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from workflows.cli import cli
+
+    dense = _dense(tmp_path, "qwen3")
+    out = tmp_path / "moe"
+    args = ["upcycle", "--model", str(dense), "--out", str(out), "--num-experts", "3",
+            "--top-k", "2"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "qwen3_moe written" in result.output and "active per token" in result.output
+    assert (out / "manifest.json").exists()
+    again = CliRunner().invoke(cli, args)
+    assert "already complete, skipped" in again.output
+    bad = CliRunner().invoke(cli, [*args[:-2], "--top-k", "4", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "top_k" in bad.output
+    assert not (tmp_path / "x").exists()
