@@ -339,12 +339,16 @@ def culturax_tag(code: str) -> str:
     return _CULTURAX_TAG.get(code) or _tag_for_code(code)
 
 
+@cache
+def _culturax_by_tag() -> dict[str, str]:
+    return {culturax_tag(code): code for code in _CULTURAX}
+
+
 def culturax_code(tag: str) -> str:
     """The CulturaX directory holding a tag's language (``swh_Latn`` → ``sw``)."""
     tag = canonical_tag(tag)
-    for code in _CULTURAX:
-        if culturax_tag(code) == tag:
-            return code
+    if tag in _culturax_by_tag():
+        return _culturax_by_tag()[tag]
     iso1 = to_iso639_1(tag)
     if iso1 in _CULTURAX:
         return iso1

@@ -220,12 +220,19 @@ class StageDir:
 
     @contextmanager
     def build(self, stage_fingerprint: str, *, inputs: Mapping[str, Any] | None = None,
-              config: Mapping[str, Any] | None = None) -> Iterator[StageBuild]:
+              config: Mapping[str, Any] | None = None,
+              refuse_foreign: bool = False) -> Iterator[StageBuild]:
         """Build the stage in a temporary sibling; commit it (rename, then manifest) on success.
 
         On any exception the temporary sibling is removed and the previous state of the stage is
-        left as it was, so nothing half-written ever looks complete.
+        left as it was, so nothing half-written ever looks complete. ``refuse_foreign`` is for
+        folders a user names (``--out``): a commit replaces the folder, so one that is not empty
+        and has no manifest (not written by this tool) is refused before anything is written.
         """
+        if refuse_foreign and self.fs.isdir(self.path) and self.fs.ls(self.path) \
+                and self.read_manifest() is None:
+            raise FileExistsError(f"{self.uri} exists, is not empty and was not written by "
+                                  "deltamoe; choose a new or empty folder")
         started = time.time()
         self._clean_stale()
         tmp = f"{self.path}{_TMP_MARK}{uuid.uuid4().hex}"

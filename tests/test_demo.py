@@ -119,5 +119,5 @@ def test_world_refuses_a_foreign_folder(tmp_path: Path) -> None:
     (precious / "thesis.tex").write_text("do not delete")
     proc = _deltamoe("demo", "world", "--out", str(precious), *SMALL)
     assert proc.returncode == 2
-    assert "holds no world built by deltamoe" in proc.stderr
+    assert "is not empty and was not written by deltamoe" in proc.stderr
     assert [p.name for p in precious.iterdir()] == ["thesis.tex"]

@@ -144,3 +144,21 @@ def test_stage_on_fsspec_memory_filesystem() -> None:
     assert stage.is_complete("fp")  # the failed rebuild left the completed stage alone
     assert not [p for p in fs.find("/fsspec-runs") if ".tmp-" in p]
     assert run.local_path is None
+
+
+def test_refuse_foreign_folder(tmp_path: Path) -> None:
+    """A user-named folder with someone else's files is never replaced."""
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    stage = StageDir(str(foreign))
+    with pytest.raises(FileExistsError, match="not written by deltamoe"), \
+            stage.build("fp", refuse_foreign=True):
+        pass
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"]
+    assert (foreign / "notes.txt").read_text() == "keep"
+    with stage.build("fp", refuse_foreign=False) as work:  # a run's own stage folder is replaced
+        (work.path / "a").write_text("a")
+    with stage.build("fp2", refuse_foreign=True) as work:  # ours now: rebuilding is fine
+        (work.path / "b").write_text("b")
+    assert sorted(p.name for p in foreign.iterdir()) == ["b", MANIFEST]

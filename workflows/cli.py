@@ -123,12 +123,8 @@ def demo_world(out_dir: Path, seed: int, arch: str, num_people: int | None,
                                    "docs_per_language": docs_per_language}.items()
                  if v is not None}
     world = WorldConfig(seed=seed, arch=arch, **overrides)
-    stage = StageDir(str(out_dir.resolve()))
-    if out_dir.is_dir() and any(out_dir.iterdir()) and stage.read_manifest() is None:
-        # A rebuild replaces the folder: never do that to a folder this tool did not write.
-        raise UserError(f"{out_dir} exists, is not empty and holds no world built "
-                                   "by deltamoe; choose a new or empty folder")
-    manifest, built = ensure_world(stage, world)
+    manifest, built = ensure_world(StageDir(str(out_dir.resolve())), world,
+                                   refuse_foreign=True)
     state = "built" if built else "already complete, skipped"
     click.echo(f"world {state}: {out_dir} ({len(manifest.outputs)} files, "
                f"{manifest.total_bytes / 1e6:.1f} MB)")
@@ -174,15 +170,13 @@ def upcycle(model_dir: Path, out_dir: Path, num_experts: int, top_k: int, layers
                              router_init=router_init, expert_noise_std=expert_noise_std,
                              seed=seed)
     stage = StageDir(str(out_dir.resolve()))
-    if out_dir.is_dir() and any(out_dir.iterdir()) and stage.read_manifest() is None:
-        raise UserError(f"{out_dir} exists, is not empty and was not written by deltamoe")
     fp = fingerprint("upcycle", str(model_dir.resolve()), asdict(options))
     if stage.is_complete(fp):
         click.echo(f"{out_dir}: already complete, skipped")
         return
     try:
         with stage.build(fp, inputs={"model": str(model_dir.resolve())},
-                         config=asdict(options)) as work:
+                         config=asdict(options), refuse_foreign=True) as work:
             result = run_upcycle(model_dir, work.path, options)
             work.extra["accounting"] = asdict(result)
     except (UpcycleError, UnsupportedArchitectureError) as err:
@@ -226,7 +220,7 @@ def main() -> None:
     except ConfigError as err:
         click.echo(f"config error:\n{err}", err=True)
         sys.exit(2)
-    except (FileNotFoundError, NotADirectoryError, PermissionError) as err:
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
     except SystemExit:

@@ -15,14 +15,16 @@ def world_fingerprint(world: WorldConfig) -> str:
     return fingerprint("world", GENERATOR_VERSION, world.model_dump(mode="json"))
 
 
-def ensure_world(stage: StageDir, world: WorldConfig) -> tuple[Manifest, bool]:
+def ensure_world(stage: StageDir, world: WorldConfig,
+                 refuse_foreign: bool = False) -> tuple[Manifest, bool]:
     """Build the world into ``stage`` unless a matching one is there; returns (manifest, built)."""
     fp = world_fingerprint(world)
     if stage.is_complete(fp):
         manifest = stage.read_manifest()
         assert manifest is not None
         return manifest, False
-    with stage.build(fp, config=world.model_dump(mode="json")) as work:
+    with stage.build(fp, config=world.model_dump(mode="json"),
+                     refuse_foreign=refuse_foreign) as work:
         summary = build_world(
             work.path, seed=world.seed, arch=world.arch, num_people=world.num_people,
             docs_per_language=world.docs_per_language, vocab_size=world.vocab_size,

@@ -15,8 +15,10 @@ import re
 import shutil
 from collections import defaultdict
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -67,6 +69,12 @@ class _LazyCheckpoint:
         missing = sorted({str(f) for f in self.files.values() if not f.exists()})
         if missing:
             raise UpcycleError(f"missing shard(s): {', '.join(missing)}")
+        self._stack = ExitStack()
+        self._handles: dict[Path, Any] = {}
+
+    def close(self) -> None:
+        self._stack.close()
+        self._handles.clear()
 
     @staticmethod
     def _keys(path: Path) -> list[str]:
@@ -77,9 +85,12 @@ class _LazyCheckpoint:
             raise UpcycleError(f"{path}: unreadable safetensors file ({err})") from None
 
     def get(self, key: str) -> torch.Tensor:
+        """One tensor; each shard's header is parsed once and its handle kept open."""
         try:
-            with safe_open(self.files[key], "pt") as handle:
-                return handle.get_tensor(key)
+            path = self.files[key]
+            if path not in self._handles:
+                self._handles[path] = self._stack.enter_context(safe_open(path, "pt"))
+            return self._handles[path].get_tensor(key)
         except KeyError:
             raise UpcycleError(f"tensor {key} is missing from the checkpoint") from None
         except Exception as err:
@@ -184,46 +195,50 @@ def upcycle(model_dir: str | Path, out_dir: str | Path, options: UpcycleOptions)
         raise UpcycleError(f"layers: {family.moe_type} has no switch for dense layers; "
                            "upcycle every layer for this family")
     ckpt = _LazyCheckpoint(src)
-    generator = torch.Generator().manual_seed(options.seed)
-    writer = _ShardWriter(dst, options.max_shard_bytes)
-    dense_params = moe_params = active_params = 0
-    hidden = int(dense_cfg["hidden_size"])
-    for layer, keys in tqdm(list(_by_layer(list(ckpt.files))), desc="upcycle", unit="layer"):
-        for key in keys:
-            tensor = ckpt.get(key)
-            if not torch.isfinite(tensor).all():
-                raise UpcycleError(f"tensor {key} holds NaN or Inf")
-            dense_params += tensor.numel()
-            proj = next((p for p in DENSE_FFN if key.endswith(f".mlp.{p}.weight")), None)
-            if layer is None or layer not in moe_layers or proj is None:
-                writer.add(key, tensor)
-                moe_params += tensor.numel()
-                active_params += tensor.numel()
-                continue
-            for expert in range(options.num_experts):
-                copy = tensor.clone()
-                if expert > 0 and options.expert_noise_std > 0:
-                    noise = torch.randn(copy.shape, generator=generator) * options.expert_noise_std
-                    copy = (copy.float() + noise).to(tensor.dtype)
-                writer.add(family.expert_key(layer, expert, proj), copy)
-            moe_params += tensor.numel() * options.num_experts
-            active_params += tensor.numel() * options.top_k
-            if proj == "down_proj":
-                dtype = tensor.dtype
-                writer.add(family.router_key(layer), _router(options, hidden, dtype, generator))
-                moe_params += options.num_experts * hidden
-                active_params += options.num_experts * hidden
-                if family.has_shared_expert:  # zeroed: contributes nothing until trained
-                    inter = int(dense_cfg["intermediate_size"])
-                    base = f"model.layers.{layer}.mlp"
-                    for name, shape in (("gate_proj", (inter, hidden)),
-                                        ("up_proj", (inter, hidden)),
-                                        ("down_proj", (hidden, inter))):
-                        writer.add(f"{base}.shared_expert.{name}.weight",
-                                   torch.zeros(shape, dtype=dtype))
-                    writer.add(f"{base}.shared_expert_gate.weight",
-                               torch.zeros((1, hidden), dtype=dtype))
-    writer.close()
+    try:
+        generator = torch.Generator().manual_seed(options.seed)
+        writer = _ShardWriter(dst, options.max_shard_bytes)
+        dense_params = moe_params = active_params = 0
+        hidden = int(dense_cfg["hidden_size"])
+        for layer, keys in tqdm(list(_by_layer(list(ckpt.files))), desc="upcycle", unit="layer"):
+            for key in keys:
+                tensor = ckpt.get(key)
+                if not torch.isfinite(tensor).all():
+                    raise UpcycleError(f"tensor {key} holds NaN or Inf")
+                dense_params += tensor.numel()
+                proj = next((p for p in DENSE_FFN if key.endswith(f".mlp.{p}.weight")), None)
+                if layer is None or layer not in moe_layers or proj is None:
+                    writer.add(key, tensor)
+                    moe_params += tensor.numel()
+                    active_params += tensor.numel()
+                    continue
+                for expert in range(options.num_experts):
+                    copy = tensor.clone()
+                    if expert > 0 and options.expert_noise_std > 0:
+                        std = options.expert_noise_std
+                        noise = torch.randn(copy.shape, generator=generator) * std
+                        copy = (copy.float() + noise).to(tensor.dtype)
+                    writer.add(family.expert_key(layer, expert, proj), copy)
+                moe_params += tensor.numel() * options.num_experts
+                active_params += tensor.numel() * options.top_k
+                if proj == "down_proj":
+                    dtype = tensor.dtype
+                    writer.add(family.router_key(layer), _router(options, hidden, dtype, generator))
+                    moe_params += options.num_experts * hidden
+                    active_params += options.num_experts * hidden
+                    if family.has_shared_expert:  # zeroed: contributes nothing until trained
+                        inter = int(dense_cfg["intermediate_size"])
+                        base = f"model.layers.{layer}.mlp"
+                        for name, shape in (("gate_proj", (inter, hidden)),
+                                            ("up_proj", (inter, hidden)),
+                                            ("down_proj", (hidden, inter))):
+                            writer.add(f"{base}.shared_expert.{name}.weight",
+                                       torch.zeros(shape, dtype=dtype))
+                        writer.add(f"{base}.shared_expert_gate.weight",
+                                   torch.zeros((1, hidden), dtype=dtype))
+        writer.close()
+    finally:
+        ckpt.close()
     moe_cfg = family.moe_config(dense_cfg, options.num_experts, options.top_k, moe_layers)
     (dst / "config.json").write_text(json.dumps(moe_cfg, indent=2, sort_keys=True))
     for name in _COPIED_FILES:
