@@ -133,26 +133,90 @@ def demo_world(out_dir: Path, seed: int, arch: str, num_people: int | None,
 # ----------------------------------------------------------------------------- upcycle
 
 
+def _parse_overrides(pairs: tuple[str, ...]) -> dict[str, object]:
+    """``--set train.steps=10`` pairs; values are read as YAML (numbers, lists, booleans)."""
+    import yaml
+
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {pair!r}: expected KEY=VALUE with a dotted key")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _int_list(option: str, text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise UserError(f"{option}: expected comma-separated integers, got {text!r}") from None
+
+
+def _allocation(pairs: tuple[str, ...]) -> dict[str, list[int]]:
+    out = {}
+    for pair in pairs:
+        name, _, ids = pair.partition("=")
+        if not name or not ids:
+            raise UserError(f"--allocate {pair!r}: expected LANGUAGE=ID[,ID...], e.g. swh_Latn=1,2")
+        out[name] = list(_int_list("--allocate", ids) or ())
+    return out
+
+
+def _print_upcycled(out: str, summary: dict) -> None:
+    counts = sorted({n for n in summary["experts_per_layer"] if n})
+    moe_layers = sum(1 for n in summary["experts_per_layer"] if n)
+    click.echo(
+        f"{summary['model_type']} written to {out}: {moe_layers} MoE layers × {counts} experts, "
+        f"{summary['layout']} layout\n"
+        f"parameters: dense {summary['dense_parameters']:,}, MoE total "
+        f"{summary['moe_parameters']:,}, active per token {summary['active_parameters']:,}\n"
+        f"forward FLOPs per token (n_ctx={summary['seq_len']}): dense "
+        f"{summary['dense_flops_per_token']:,}, MoE active {summary['active_flops_per_token']:,} "
+        f"(ratio {summary['active_ratio']:.3f})")
+
+
 @cli.command()
-@click.option("--model", "model_dir", required=True,
-              type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Dense Hugging Face model directory (safetensors).")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.argument("config", required=False, type=click.Path(path_type=Path))
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False,
+                                                      path_type=Path),
+              help="Dense Hugging Face model directory (safetensors), without a CONFIG.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="MoE directory to write (built atomically; skipped if already complete).")
 @click.option("--num-experts", default=4, show_default=True, help="Experts per MoE layer.")
 @click.option("--top-k", default=2, show_default=True, help="Experts per token.")
-@click.option("--layers", default=None, help="Comma-separated layer ids to upcycle (Qwen only; "
-              "default: all).")
+@click.option("--layers", default=None, help="Comma-separated layer ids to upcycle (default: all;"
+              " the others stay dense).")
+@click.option("--experts-per-layer", default=None,
+              help="LayerMoE plan: comma-separated expert count per layer (0 = dense).")
+@click.option("--classifier-layers", default=None,
+              help="Comma-separated MoE layers that get a language-group classifier.")
+@click.option("--allocate", "allocate", multiple=True,
+              help="LANGUAGE=ID[,ID...]: experts allowed to a language (repeatable).")
 @click.option("--router-init", type=click.Choice(["xavier_normal", "zeros", "normal"]),
               default="xavier_normal", show_default=True)
 @click.option("--expert-noise-std", default=0.0, show_default=True,
               help="Gaussian noise on non-anchor experts (0 keeps them exact copies).")
+@click.option("--layout", type=click.Choice(["per_expert", "fused"]), default="per_expert",
+              show_default=True, help="Expert tensor layout written.")
+@click.option("--seq-len", default=2048, show_default=True,
+              help="Context length for the FLOPs accounting.")
 @click.option("--seed", default=0, show_default=True)
-def upcycle(model_dir: Path, out_dir: Path, num_experts: int, top_k: int, layers: str | None,
-            router_init: str, expert_noise_std: float, seed: int) -> None:
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="With CONFIG: override a config key (dotted path).")
+def upcycle(config: Path | None, model_dir: Path | None, out_dir: Path | None, num_experts: int,
+            top_k: int, layers: str | None, experts_per_layer: str | None,
+            classifier_layers: str | None, allocate: tuple[str, ...], router_init: str,
+            expert_noise_std: float, layout: str, seq_len: int, seed: int,
+            overrides: tuple[str, ...]) -> None:
     """Turn a dense model into a Mixture-of-Experts whose experts copy the dense FFN.
 
-    Llama/Mistral → Mixtral, Qwen2 → Qwen2-MoE, Qwen3 → Qwen3-MoE; the output loads with
+    With CONFIG: the run's base model into runs/<run>/models/moe-init, with the config's
+    allocation (language map, or LayerMoE counts measured on held-out text), logged to MLflow.
+    Without: --model and --out with the flags below. Llama/Mistral → Mixtral, Qwen2 → Qwen2-MoE,
+    Qwen3 → Qwen3-MoE, or the package's own class where a plan needs it; the output loads with
     AutoModelForCausalLM and computes exactly what the dense model computes until trained.
     """
     from dataclasses import asdict
@@ -162,13 +226,19 @@ def upcycle(model_dir: Path, out_dir: Path, num_experts: int, top_k: int, layers
     from components.moe.upcycle import upcycle as run_upcycle
     from components.storage import StageDir, fingerprint
 
-    try:
-        layer_ids = tuple(int(x) for x in layers.split(",")) if layers else None
-    except ValueError:
-        raise UserError(f"--layers: expected comma-separated integers, got {layers!r}") from None
-    options = UpcycleOptions(num_experts=num_experts, top_k=top_k, layers=layer_ids,
-                             router_init=router_init, expert_noise_std=expert_noise_std,
-                             seed=seed)
+    if config is not None:
+        if model_dir or out_dir:
+            raise UserError("give either CONFIG or --model/--out, not both")
+        _upcycle_from_config(config, overrides)
+        return
+    if model_dir is None or out_dir is None:
+        raise UserError("--model and --out are required without a CONFIG")
+    options = UpcycleOptions(
+        num_experts=num_experts, top_k=top_k, layers=_int_list("--layers", layers),
+        experts_per_layer=_int_list("--experts-per-layer", experts_per_layer),
+        classifier_layers=_int_list("--classifier-layers", classifier_layers) or (),
+        allocation=_allocation(allocate), router_init=router_init,
+        expert_noise_std=expert_noise_std, layout=layout, seq_len=seq_len, seed=seed)
     stage = StageDir(str(out_dir.resolve()))
     fp = fingerprint("upcycle", str(model_dir.resolve()), asdict(options))
     if stage.is_complete(fp):
@@ -178,13 +248,39 @@ def upcycle(model_dir: Path, out_dir: Path, num_experts: int, top_k: int, layers
         with stage.build(fp, inputs={"model": str(model_dir.resolve())},
                          config=asdict(options), refuse_foreign=True) as work:
             result = run_upcycle(model_dir, work.path, options)
-            work.extra["accounting"] = asdict(result)
+            work.extra["upcycle"] = result.summary()
     except (UpcycleError, UnsupportedArchitectureError) as err:
         raise UserError(str(err)) from None
-    click.echo(f"{result.moe_type} written to {out_dir}: {len(result.moe_layers)} MoE layers × "
-               f"{num_experts} experts (top-{top_k})\n"
-               f"parameters: dense {result.dense_parameters:,}, MoE total "
-               f"{result.moe_parameters:,}, active per token {result.active_parameters:,}")
+    _print_upcycled(str(out_dir), result.summary())
+
+
+def _upcycle_from_config(config: Path, overrides: tuple[str, ...]) -> None:
+    from components.moe.families import UnsupportedArchitectureError
+    from components.moe.upcycle import UpcycleError
+    from components.storage import RunDir, fingerprint
+    from components.tracking import ExpansionTracker, resolve_tracking_uri
+    from workflows.upcycle_stage import STAGE, ensure_upcycled
+
+    cfg = load_config(config, overrides=_parse_overrides(overrides))
+    run_dir = RunDir(cfg.storage.root, cfg.run_name, cfg.storage.storage_options)
+    tracker = ExpansionTracker(resolve_tracking_uri(cfg.tracking.uri, run_dir),
+                               cfg.tracking.experiment, cfg.run_name, tags=cfg.tracking.tags)
+    resolved = cfg.model_dump(mode="json")
+    tracker.log_config(resolved, fingerprint(resolved))
+    try:
+        with tracker.stage("upcycle") as logger:
+            manifest, built = ensure_upcycled(cfg, run_dir, logger)
+    except (UpcycleError, UnsupportedArchitectureError) as err:
+        tracker.finish(failed=True)
+        raise UserError(str(err)) from None
+    except BaseException:
+        tracker.finish(failed=True)
+        raise
+    tracker.finish()
+    where = run_dir.stage(STAGE).uri
+    if not built:
+        click.echo(f"{where}: already complete, skipped")
+    _print_upcycled(where, manifest.extra["upcycle"])
 
 
 # ----------------------------------------------------------------------------- later stages

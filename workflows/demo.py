@@ -1,7 +1,8 @@
 """The main job on the embedded default: the synthetic world, a local MLflow store, under runs/.
 
 It grows with the project: today it validates the demo config, opens the run's MLflow parent
-run, and builds (or skips) the synthetic world stage with its tokenizer and tiny base model.
+run, builds (or skips) the synthetic world stage with its tokenizer and tiny base model, and
+upcycles that model into the run's language-allocated MoE (``models/moe-init``).
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from pathlib import Path
 from components.config import ConfigError, RunConfig, load_config
 from components.storage import RunDir, fingerprint
 from components.tracking import ExpansionTracker, resolve_tracking_uri
+from workflows.upcycle_stage import ensure_upcycled
 from workflows.world import ensure_world
 
-PENDING_STAGES = ("data", "upcycle", "train", "graft", "evaluate", "report")
+PENDING_STAGES = ("data", "train", "graft", "evaluate", "report")
 
 
 @dataclass
@@ -66,6 +68,9 @@ def run_demo(config_path: str | Path) -> DemoResult:
                 logger.log_external_model("world-base-init", f"{stage.uri}/model", manifest,
                                           model_type="hf-causal-lm")
         result.stages["world"] = "built" if built else "skipped (manifest matches)"
+        with tracker.stage("upcycle") as logger:
+            _, built = ensure_upcycled(cfg, run_dir, logger)
+        result.stages["upcycle"] = "built" if built else "skipped (manifest matches)"
     except BaseException:
         tracker.finish(failed=True)
         raise

@@ -2,8 +2,9 @@
 
 Upcycled models use the ecosystem's own MoE classes so that ``AutoModelForCausalLM`` loads them
 without ``trust_remote_code``: Llama and Mistral become Mixtral, Qwen2 becomes Qwen2-MoE (its
-shared expert zeroed so the output is unchanged), Qwen3 becomes Qwen3-MoE. Keys are written in the
-per-expert layout that ``save_pretrained`` writes by default in transformers 5.
+shared expert zeroed so the output is unchanged), Qwen3 becomes Qwen3-MoE. What none of them can
+express (dense layers in a Mixtral, per-layer expert counts, a router classifier) becomes the
+package's own class, :mod:`components.moe.modeling`.
 """
 
 from __future__ import annotations
@@ -26,12 +27,10 @@ class Family:
     has_shared_expert: bool
     supports_dense_layers: bool  # a config switch keeps chosen layers dense (mlp_only_layers)
 
-    def expert_key(self, layer: int, expert: int, proj: str) -> str:
-        name = self.expert_names[DENSE_FFN.index(proj)]
-        return f"model.layers.{layer}.{self.moe_prefix}.experts.{expert}.{name}.weight"
-
-    def router_key(self, layer: int) -> str:
-        return f"model.layers.{layer}.{self.moe_prefix}.gate.weight"
+    def block(self, layer: int, fused: bool = False) -> str:
+        """The MoE block's key prefix: on disk per-expert keys use the family's historical name
+        (Mixtral: ``block_sparse_moe``); fused tensors use the in-memory name (``mlp``)."""
+        return f"model.layers.{layer}.{'mlp' if fused else self.moe_prefix}"
 
     def moe_config(self, dense: dict[str, Any], num_experts: int, top_k: int,
                    moe_layers: list[int]) -> dict[str, Any]:

@@ -1,36 +1,44 @@
 """Dense → MoE upcycling, streamed one decoder layer at a time.
 
-Every MoE layer gets N experts that are exact copies of the dense FFN (expert 0 is the anchor the
-training stage may freeze) and a new router. With identical experts and renormalised top-k
-weights the MoE computes exactly what the dense model computes, which the tests check to 1e-5.
-Only one layer's tensors are in memory at a time (plus a bounded output shard), so an 8B or 70B
-model upcycles on a machine with far less RAM than the model; tensors are read lazily with
-``safe_open``, never through pickle.
+Every MoE layer gets experts that are exact copies of the dense FFN (expert 0 is the anchor the
+training stage may freeze; the others may get noise) and a new router. With identical experts and
+renormalised top-k weights the MoE computes exactly what the dense model computes, which the tests
+check to 1e-5. Only one layer's tensors are in memory at a time (plus a bounded output shard), so
+an 8B or 70B model upcycles on a machine with far less RAM than the model; tensors are read lazily
+with ``safe_open``, never through pickle.
+
+The output is a standard transformers MoE (Mixtral, Qwen2-MoE, Qwen3-MoE) in the declared layout
+when one can express the plan, otherwise the package's own ``deltamoe`` class (dense layers in a
+Mixtral, per-layer expert counts, router classifiers: LayerMoE).
 """
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
-from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
-from components.moe.families import DENSE_FFN, family_for
+from components.languages import UnknownLanguageError, canonical_tag
+from components.moe.accounting import Accounting, account
+from components.moe.checkpoint import (
+    CheckpointError,
+    LazyCheckpoint,
+    ShardWriter,
+    split_layers,
+    write_experts,
+)
+from components.moe.families import DENSE_FFN, Family, family_for
+from components.moe.modeling import MODEL_TYPE as OWN_TYPE
 
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-_COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt",
-                 "tokenizer.model")
+COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt",
+                "tokenizer.model")
+ALLOCATION_FILE = "allocation.json"
 
 
 class UpcycleError(ValueError):
@@ -42,225 +50,261 @@ class UpcycleOptions:
     num_experts: int = 4
     top_k: int = 2
     layers: tuple[int, ...] | None = None  # None: every layer becomes MoE
+    experts_per_layer: tuple[int, ...] | None = None  # LayerMoE: per-layer counts, 0 = dense
+    classifier_layers: tuple[int, ...] = ()
     router_init: str = "xavier_normal"
     router_init_std: float = 0.02
     expert_noise_std: float = 0.0
+    layout: str = "per_expert"
+    allocation: dict[str, list[int]] = field(default_factory=dict)  # language/group → experts
+    groups: dict[str, list[str]] = field(default_factory=dict)
+    original_languages: tuple[str, ...] = ()  # recorded for the routing prior and classifier
+    layer_similarity: tuple[float, ...] | None = None  # recorded in allocation.json and the card
     seed: int = 0
+    seq_len: int = 2048  # context length for the FLOPs accounting
     max_shard_bytes: int = 2 * 1024**3
-
-
-class _LazyCheckpoint:
-    """Tensor names → file, over a single safetensors file or a sharded index."""
-
-    def __init__(self, model_dir: Path) -> None:
-        index = model_dir / "model.safetensors.index.json"
-        single = model_dir / "model.safetensors"
-        if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as err:
-                raise UpcycleError(f"{index}: not a safetensors index ({err})") from None
-            self.files = {k: model_dir / v for k, v in weight_map.items()}
-        elif single.exists():
-            self.files = {k: single for k in self._keys(single)}
-        else:
-            raise UpcycleError(f"{model_dir}: no model.safetensors or "
-                               "model.safetensors.index.json (pickle checkpoints are not read)")
-        missing = sorted({str(f) for f in self.files.values() if not f.exists()})
-        if missing:
-            raise UpcycleError(f"missing shard(s): {', '.join(missing)}")
-        self._stack = ExitStack()
-        self._handles: dict[Path, Any] = {}
-
-    def close(self) -> None:
-        self._stack.close()
-        self._handles.clear()
-
-    @staticmethod
-    def _keys(path: Path) -> list[str]:
-        try:
-            with safe_open(path, "pt") as handle:
-                return list(handle.keys())
-        except Exception as err:  # safetensors raises its own error types for corrupt headers
-            raise UpcycleError(f"{path}: unreadable safetensors file ({err})") from None
-
-    def get(self, key: str) -> torch.Tensor:
-        """One tensor; each shard's header is parsed once and its handle kept open."""
-        try:
-            path = self.files[key]
-            if path not in self._handles:
-                self._handles[path] = self._stack.enter_context(safe_open(path, "pt"))
-            return self._handles[path].get_tensor(key)
-        except KeyError:
-            raise UpcycleError(f"tensor {key} is missing from the checkpoint") from None
-        except Exception as err:
-            raise UpcycleError(f"{self.files[key]}: cannot read {key} ({err})") from None
-
-
-class _ShardWriter:
-    """Writes tensors into shards of bounded size and the index that maps them."""
-
-    def __init__(self, out_dir: Path, max_bytes: int) -> None:
-        self.out_dir, self.max_bytes = out_dir, max_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: list[list[str]] = []
-        self.total_bytes = 0
-
-    def add(self, key: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes:
-            self._flush()
-        self.pending[key] = tensor.contiguous()
-        self.pending_bytes += size
-        self.total_bytes += size
-
-    def _flush(self) -> None:
-        number = len(self.shards) + 1
-        save_file(self.pending, self.out_dir / f"model-{number:05d}.tmp.safetensors",
-                  metadata={"format": "pt"})
-        self.shards.append(list(self.pending))
-        self.pending, self.pending_bytes = {}, 0
-
-    def close(self) -> None:
-        if self.pending:
-            self._flush()
-        count = len(self.shards)
-        weight_map = {}
-        for i, keys in enumerate(self.shards, start=1):
-            name = f"model-{i:05d}-of-{count:05d}.safetensors"
-            (self.out_dir / f"model-{i:05d}.tmp.safetensors").rename(self.out_dir / name)
-            weight_map.update(dict.fromkeys(keys, name))
-        index = {"metadata": {"total_size": self.total_bytes},
-                 "weight_map": dict(sorted(weight_map.items()))}
-        (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
-def _router(options: UpcycleOptions, hidden: int, dtype: torch.dtype,
-             generator: torch.Generator) -> torch.Tensor:
-    weight = torch.empty(options.num_experts, hidden, dtype=torch.float32)
-    if options.router_init == "zeros":
-        weight.zero_()
-    elif options.router_init == "normal":
-        weight.normal_(0.0, options.router_init_std, generator=generator)
-    elif options.router_init == "xavier_normal":
-        std = (2.0 / (hidden + options.num_experts)) ** 0.5
-        weight.normal_(0.0, std, generator=generator)
-    else:
-        raise UpcycleError(f"router_init {options.router_init!r}: expected xavier_normal, "
-                           "zeros or normal")
-    return weight.to(dtype)
-
-
-def _by_layer(keys: list[str]) -> Iterator[tuple[int | None, list[str]]]:
-    groups: dict[int | None, list[str]] = defaultdict(list)
-    for key in keys:
-        match = _LAYER.match(key)
-        groups[int(match.group(1)) if match else None].append(key)
-    for layer in sorted(k for k in groups if k is not None):
-        yield layer, sorted(groups[layer])
-    yield None, sorted(groups[None])
 
 
 @dataclass(frozen=True)
 class UpcycleResult:
     out_dir: str
-    moe_type: str
-    moe_layers: list[int]
-    dense_parameters: int
-    moe_parameters: int
-    active_parameters: int
+    model_type: str
+    layout: str
+    experts_per_layer: list[int]
+    accounting: Accounting
+    allocation: dict[str, Any]  # what allocation.json holds
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i, n in enumerate(self.experts_per_layer) if n > 0]
+
+    def summary(self) -> dict[str, Any]:
+        return {"out_dir": self.out_dir, "model_type": self.model_type, "layout": self.layout,
+                "experts_per_layer": self.experts_per_layer, **self.accounting.as_dict()}
+
+
+@dataclass(frozen=True)
+class _Plan:
+    family: Family
+    counts: list[int]  # experts per layer, 0 = dense
+    own_class: bool  # the package's deltamoe class instead of the family's standard MoE
+
+    @property
+    def model_type(self) -> str:
+        return OWN_TYPE if self.own_class else self.family.moe_type
+
+
+def plan_layers(dense_cfg: dict[str, Any], options: UpcycleOptions) -> _Plan:
+    """Validate the options against the dense config and choose the output class."""
+    family = family_for(str(dense_cfg.get("model_type")))
+    n_layers = int(dense_cfg["num_hidden_layers"])
+    if options.experts_per_layer is not None:
+        counts = list(options.experts_per_layer)
+        if len(counts) != n_layers:
+            raise UpcycleError(f"experts_per_layer: {len(counts)} entries for {n_layers} layers")
+        if any(c == 1 or c < 0 for c in counts):
+            raise UpcycleError(f"experts_per_layer: {counts}: each entry is 0 (dense) or ≥ 2")
+    else:
+        if options.num_experts < 2:
+            raise UpcycleError(f"num_experts: expected ≥ 2, got {options.num_experts}")
+        chosen = set(range(n_layers) if options.layers is None else options.layers)
+        bad = sorted(i for i in chosen if not 0 <= i < n_layers)
+        if bad:
+            raise UpcycleError(f"layers: {bad} out of range (the model has {n_layers} layers)")
+        counts = [options.num_experts if i in chosen else 0 for i in range(n_layers)]
+    if not any(counts):
+        raise UpcycleError("no layer becomes MoE")
+    widest = max(counts)
+    if not 1 <= options.top_k <= widest:
+        raise UpcycleError(f"top_k: expected 1 ≤ top_k ≤ num_experts ({widest}), "
+                           f"got {options.top_k}")
+    for layer in options.classifier_layers:
+        if not 0 <= layer < n_layers or counts[layer] == 0:
+            raise UpcycleError(f"classifier_layers: layer {layer} is not an MoE layer")
+    if options.layout not in ("per_expert", "fused"):
+        raise UpcycleError(f"layout {options.layout!r}: expected per_expert or fused")
+    moe = [c for c in counts if c]
+    standard = (len(set(moe)) == 1 and not options.classifier_layers
+                and (len(moe) == n_layers or family.supports_dense_layers))
+    if not standard and options.layout == "fused":
+        raise UpcycleError("layout: fused is written for the standard MoE classes only; this "
+                           f"plan (experts per layer {counts}) needs the deltamoe class, which "
+                           "is written per_expert")
+    _check_allocation(options, widest)
+    return _Plan(family, counts, own_class=not standard)
+
+
+def _check_allocation(options: UpcycleOptions, widest: int) -> None:
+    for name, ids in options.allocation.items():
+        if name not in options.groups:
+            try:
+                canonical_tag(name)
+            except UnknownLanguageError as err:
+                raise UpcycleError(f"allocation.{name}: neither a group nor a language "
+                                   f"({err})") from None
+        bad = [i for i in ids if not 0 <= i < widest]
+        if bad:
+            raise UpcycleError(f"allocation.{name}: expert ids {bad} do not exist (MoE layers "
+                               f"have at most {widest} experts)")
+    for group, tags in options.groups.items():
+        for tag in tags:
+            try:
+                canonical_tag(tag)
+            except UnknownLanguageError as err:
+                raise UpcycleError(f"groups.{group}: {err}") from None
+
+
+def _router(options: UpcycleOptions, experts: int, hidden: int,
+            generator: torch.Generator) -> torch.Tensor:
+    weight = torch.empty(experts, hidden, dtype=torch.float32)
+    if options.router_init == "zeros":
+        weight.zero_()
+    elif options.router_init == "normal":
+        weight.normal_(0.0, options.router_init_std, generator=generator)
+    elif options.router_init == "xavier_normal":
+        weight.normal_(0.0, (2.0 / (hidden + experts)) ** 0.5, generator=generator)
+    else:
+        raise UpcycleError(f"router_init {options.router_init!r}: expected xavier_normal, "
+                           "zeros or normal")
+    return weight
+
+
+def _moe_block(plan: _Plan, layer: int, ffn: dict[str, torch.Tensor], options: UpcycleOptions,
+               generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """All tensors of one upcycled FFN: experts (anchor exact, others optionally noised), the
+    router, and the classifier or zeroed shared expert where the plan has them."""
+    experts = plan.counts[layer]
+    dtype = ffn["down_proj"].dtype
+    copies: dict[str, list[torch.Tensor]] = {p: [] for p in DENSE_FFN}
+    for expert in range(experts):
+        for proj in DENSE_FFN:
+            tensor = ffn[proj]
+            if expert > 0 and options.expert_noise_std > 0:
+                noise = torch.randn(tensor.shape, generator=generator) * options.expert_noise_std
+                tensor = (tensor.float() + noise).to(dtype)
+            copies[proj].append(tensor.clone() if expert else tensor)  # no shared storage
+    if plan.own_class:
+        block, names, fused = f"model.layers.{layer}.mlp", DENSE_FFN, False
+    else:
+        fused = options.layout == "fused"
+        block, names = plan.family.block(layer, fused), plan.family.expert_names
+    out = write_experts(block, copies["gate_proj"], copies["up_proj"], copies["down_proj"],
+                        "fused" if fused else "per_expert", names)
+    hidden = ffn["down_proj"].shape[0]
+    out[f"{block}.gate.weight"] = _router(options, experts, hidden, generator).to(dtype)
+    if plan.own_class and layer in options.classifier_layers:
+        # zero logits tie and ties go to class 0 (original → anchor): exact until trained
+        out[f"{block}.classifier.weight"] = torch.zeros(2, hidden, dtype=dtype)
+        out[f"{block}.classifier.bias"] = torch.zeros(2, dtype=dtype)
+    if plan.family.has_shared_expert and not plan.own_class:  # zeroed: adds nothing until trained
+        for proj in DENSE_FFN:
+            out[f"{block}.shared_expert.{proj}.weight"] = torch.zeros_like(ffn[proj])
+        out[f"{block}.shared_expert_gate.weight"] = torch.zeros(1, hidden, dtype=dtype)
+    return out
 
 
 def upcycle(model_dir: str | Path, out_dir: str | Path, options: UpcycleOptions) -> UpcycleResult:
     """Write the MoE HF directory for the dense model in ``model_dir`` into ``out_dir``
     (an empty folder the caller commits atomically)."""
     src, dst = Path(model_dir), Path(out_dir)
-    if options.num_experts < 2:
-        raise UpcycleError(f"num_experts: expected ≥ 2, got {options.num_experts}")
-    if not 1 <= options.top_k <= options.num_experts:
-        raise UpcycleError(f"top_k: expected 1 ≤ top_k ≤ num_experts ({options.num_experts}), "
-                           f"got {options.top_k}")
     try:
         dense_cfg = json.loads((src / "config.json").read_text())
     except FileNotFoundError:
         raise UpcycleError(f"{src}: no config.json (not a Hugging Face model directory)") from None
-    family = family_for(str(dense_cfg.get("model_type")))
-    n_layers = int(dense_cfg["num_hidden_layers"])
-    moe_layers = sorted(options.layers) if options.layers is not None else list(range(n_layers))
-    bad = [i for i in moe_layers if not 0 <= i < n_layers]
-    if bad:
-        raise UpcycleError(f"layers: {bad} out of range (the model has {n_layers} layers)")
-    if len(moe_layers) < n_layers and not family.supports_dense_layers:
-        raise UpcycleError(f"layers: {family.moe_type} has no switch for dense layers; "
-                           "upcycle every layer for this family")
-    ckpt = _LazyCheckpoint(src)
+    plan = plan_layers(dense_cfg, options)
     try:
-        generator = torch.Generator().manual_seed(options.seed)
-        writer = _ShardWriter(dst, options.max_shard_bytes)
-        dense_params = moe_params = active_params = 0
-        hidden = int(dense_cfg["hidden_size"])
-        for layer, keys in tqdm(list(_by_layer(list(ckpt.files))), desc="upcycle", unit="layer"):
+        ckpt = LazyCheckpoint(src)
+    except CheckpointError as err:
+        raise UpcycleError(str(err)) from None
+    generator = torch.Generator().manual_seed(options.seed)
+    writer = ShardWriter(dst, options.max_shard_bytes)
+    dense = total = active = embedding = 0
+    try:
+        for layer, keys in tqdm(split_layers(ckpt.keys()), desc="upcycle", unit="layer"):
+            ffn: dict[str, torch.Tensor] = {}
             for key in keys:
                 tensor = ckpt.get(key)
                 if not torch.isfinite(tensor).all():
                     raise UpcycleError(f"tensor {key} holds NaN or Inf")
-                dense_params += tensor.numel()
+                dense += tensor.numel()
+                if key == "model.embed_tokens.weight":
+                    embedding = tensor.numel()
                 proj = next((p for p in DENSE_FFN if key.endswith(f".mlp.{p}.weight")), None)
-                if layer is None or layer not in moe_layers or proj is None:
+                if layer is None or not plan.counts[layer] or proj is None:
                     writer.add(key, tensor)
-                    moe_params += tensor.numel()
-                    active_params += tensor.numel()
-                    continue
-                for expert in range(options.num_experts):
-                    copy = tensor.clone()
-                    if expert > 0 and options.expert_noise_std > 0:
-                        std = options.expert_noise_std
-                        noise = torch.randn(copy.shape, generator=generator) * std
-                        copy = (copy.float() + noise).to(tensor.dtype)
-                    writer.add(family.expert_key(layer, expert, proj), copy)
-                moe_params += tensor.numel() * options.num_experts
-                active_params += tensor.numel() * options.top_k
-                if proj == "down_proj":
-                    dtype = tensor.dtype
-                    writer.add(family.router_key(layer), _router(options, hidden, dtype, generator))
-                    moe_params += options.num_experts * hidden
-                    active_params += options.num_experts * hidden
-                    if family.has_shared_expert:  # zeroed: contributes nothing until trained
-                        inter = int(dense_cfg["intermediate_size"])
-                        base = f"model.layers.{layer}.mlp"
-                        for name, shape in (("gate_proj", (inter, hidden)),
-                                            ("up_proj", (inter, hidden)),
-                                            ("down_proj", (hidden, inter))):
-                            writer.add(f"{base}.shared_expert.{name}.weight",
-                                       torch.zeros(shape, dtype=dtype))
-                        writer.add(f"{base}.shared_expert_gate.weight",
-                                   torch.zeros((1, hidden), dtype=dtype))
+                    total, active = total + tensor.numel(), active + tensor.numel()
+                else:
+                    ffn[proj] = tensor
+            if ffn:
+                if set(ffn) != set(DENSE_FFN):
+                    raise UpcycleError(f"layer {layer}: FFN tensors {sorted(ffn)}; expected "
+                                       f"{', '.join(DENSE_FFN)}")
+                ffn_size = sum(t.numel() for t in ffn.values())
+                assert layer is not None
+                experts, top_k = plan.counts[layer], min(options.top_k, plan.counts[layer])
+                for key, tensor in _moe_block(plan, layer, ffn, options, generator).items():
+                    writer.add(key, tensor)
+                    if ".experts." in key:
+                        continue
+                    total, active = total + tensor.numel(), active + tensor.numel()
+                total += ffn_size * experts
+                active += ffn_size * top_k
         writer.close()
+    except CheckpointError as err:
+        raise UpcycleError(str(err)) from None
     finally:
         ckpt.close()
-    moe_cfg = family.moe_config(dense_cfg, options.num_experts, options.top_k, moe_layers)
-    (dst / "config.json").write_text(json.dumps(moe_cfg, indent=2, sort_keys=True))
-    for name in _COPIED_FILES:
+    _write_config(dst, dense_cfg, plan, options)
+    for name in COPIED_FILES:
         if (src / name).exists():
             shutil.copy2(src / name, dst / name)
-    result = UpcycleResult(out_dir=str(dst), moe_type=family.moe_type, moe_layers=moe_layers,
-                           dense_parameters=dense_params, moe_parameters=moe_params,
-                           active_parameters=active_params)
+    accounting = account(dense_cfg, dense, total, active, embedding, options.seq_len)
+    allocation = _allocation_record(plan, options)
+    (dst / ALLOCATION_FILE).write_text(json.dumps(allocation, indent=2))
+    result = UpcycleResult(out_dir=str(dst), model_type=plan.model_type,
+                           layout="per_expert" if plan.own_class else options.layout,
+                           experts_per_layer=plan.counts, accounting=accounting,
+                           allocation=allocation)
     _model_card(dst, src, options, result)
     return result
 
 
+def _write_config(dst: Path, dense_cfg: dict[str, Any], plan: _Plan,
+                  options: UpcycleOptions) -> None:
+    moe_layers = [i for i, n in enumerate(plan.counts) if n]
+    if plan.own_class:
+        cfg = {k: v for k, v in dense_cfg.items() if k not in ("architectures", "model_type")}
+        cfg.update(model_type=OWN_TYPE, architectures=["DeltaMoeForCausalLM"],
+                   base_model_type=dense_cfg["model_type"], experts_per_layer=plan.counts,
+                   num_experts_per_tok=options.top_k,
+                   classifier_layers=sorted(options.classifier_layers))
+    else:
+        cfg = plan.family.moe_config(dense_cfg, plan.counts[moe_layers[0]], options.top_k,
+                                     moe_layers)
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+
+def _allocation_record(plan: _Plan, options: UpcycleOptions) -> dict[str, Any]:
+    """Which experts serve which language: read by the training stage's routing-prior loss."""
+    return {"anchor_expert": 0, "experts_per_layer": plan.counts,
+              "experts": options.allocation, "groups": options.groups,
+              "original_languages": list(options.original_languages),
+              "classifier_layers": sorted(options.classifier_layers),
+              "layer_similarity": list(options.layer_similarity or [])}
+
+
 def _model_card(dst: Path, src: Path, options: UpcycleOptions, result: UpcycleResult) -> None:
-    lineage = {"source_model": str(src), "options": asdict(options), **asdict(result)}
+    acc = result.accounting
+    lineage = {"source_model": str(src), "options": asdict(options), **result.summary()}
     (dst / "README.md").write_text(
         "---\nlibrary_name: transformers\ntags: [deltamoe, upcycled, moe]\n---\n"
-        f"# Upcycled {result.moe_type} model\n\n"
-        f"Dense model `{src}` upcycled by deltamoe: every MoE layer "
-        f"({len(result.moe_layers)} of them) has {options.num_experts} experts, each an exact "
-        f"copy of the dense FFN (expert 0 is the anchor), top-{options.top_k} routing, routers "
-        f"initialised with `{options.router_init}`.\n\n"
-        f"| | parameters |\n|---|---|\n| dense | {result.dense_parameters:,} |\n"
-        f"| MoE total | {result.moe_parameters:,} |\n| MoE active per token | "
-        f"{result.active_parameters:,} |\n\n"
-        f"```json\n{json.dumps(lineage, indent=2)}\n```\n")
+        f"# Upcycled {result.model_type} model\n\n"
+        f"Dense model `{src}` upcycled by deltamoe: {len(result.moe_layers)} MoE layers with "
+        f"{sorted(set(n for n in result.experts_per_layer if n))} experts, each an exact copy "
+        f"of the dense FFN (expert 0 is the anchor), top-{options.top_k} routing, routers "
+        f"initialised with `{options.router_init}`, `{result.layout}` expert layout.\n\n"
+        f"| | parameters | forward FLOPs per token (n_ctx={acc.seq_len}) |\n|---|---|---|\n"
+        f"| dense | {acc.dense_parameters:,} | {acc.dense_flops_per_token:,} |\n"
+        f"| MoE total | {acc.moe_parameters:,} | |\n"
+        f"| MoE active per token | {acc.active_parameters:,} | {acc.active_flops_per_token:,} |"
+        f"\n\n```json\n{json.dumps(lineage, indent=2)}\n```\n")

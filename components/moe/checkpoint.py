@@ -1,0 +1,283 @@
+"""Sharded safetensors I/O for model directories, and the two expert layouts of an MoE checkpoint.
+
+Reading is lazy (``safe_open``, one open handle per shard, one tensor at a time; never pickle) so
+a stage can walk a 70B checkpoint layer by layer. Writing is shard-bounded: tensors collect until
+the next one would overflow ``max_bytes``, then a shard is written and the index maps every key.
+
+transformers 5 holds MoE experts fused in memory (``mlp.experts.gate_up_proj`` [E, 2I, H], gate
+rows first, then up; ``mlp.experts.down_proj`` [E, H, I]) and loads that layout from disk as is,
+while ``save_pretrained`` writes per-expert keys (``experts.<e>.<proj>.weight``). Readers here
+accept both; writers write the one a caller declares.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from components.moe.families import FAMILIES
+
+Layout = Literal["per_expert", "fused"]
+LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+class CheckpointError(ValueError):
+    """A model directory that cannot be read or written: the message names the file or key."""
+
+
+class LazyCheckpoint:
+    """Tensor names → file, over a single ``model.safetensors`` or a sharded index."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        model_dir = Path(model_dir)
+        index = model_dir / "model.safetensors.index.json"
+        single = model_dir / "model.safetensors"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as err:
+                raise CheckpointError(f"{index}: not a safetensors index ({err})") from None
+            self.files = {k: model_dir / v for k, v in weight_map.items()}
+        elif single.exists():
+            self.files = {k: single for k in self._keys(single)}
+        else:
+            raise CheckpointError(f"{model_dir}: no model.safetensors or "
+                                  "model.safetensors.index.json (pickle checkpoints are not read)")
+        missing = sorted({str(f) for f in self.files.values() if not f.exists()})
+        if missing:
+            raise CheckpointError(f"missing shard(s): {', '.join(missing)}")
+        self._stack = ExitStack()
+        self._handles: dict[Path, Any] = {}
+
+    def __enter__(self) -> LazyCheckpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stack.close()
+        self._handles.clear()
+
+    def keys(self) -> list[str]:
+        return list(self.files)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.files
+
+    @staticmethod
+    def _keys(path: Path) -> list[str]:
+        try:
+            with safe_open(path, "pt") as handle:
+                return list(handle.keys())
+        except Exception as err:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{path}: unreadable safetensors file ({err})") from None
+
+    def get(self, key: str) -> torch.Tensor:
+        """One tensor; each shard's header is parsed once and its handle kept open."""
+        if key not in self.files:
+            raise CheckpointError(f"tensor {key} is missing from the checkpoint")
+        path = self.files[key]
+        try:
+            if path not in self._handles:
+                self._handles[path] = self._stack.enter_context(safe_open(path, "pt"))
+            return self._handles[path].get_tensor(key)
+        except Exception as err:
+            raise CheckpointError(f"{path}: cannot read {key} ({err})") from None
+
+
+class ShardWriter:
+    """Writes tensors into shards of bounded size and the index that maps them.
+
+    Shards are written under temporary names and renamed to ``model-XXXXX-of-YYYYY`` only when the
+    count is known, so a crash leaves no directory that looks like a finished checkpoint.
+    """
+
+    def __init__(self, out_dir: str | Path, max_bytes: int) -> None:
+        self.out_dir, self.max_bytes = Path(out_dir), max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self._flush()
+        self.pending[key] = tensor.contiguous()
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        number = len(self.shards) + 1
+        save_file(self.pending, self.out_dir / f"model-{number:05d}.tmp.safetensors",
+                  metadata={"format": "pt"})
+        self.shards.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.pending:
+            self._flush()
+        count = len(self.shards)
+        weight_map = {}
+        for i, keys in enumerate(self.shards, start=1):
+            name = f"model-{i:05d}-of-{count:05d}.safetensors"
+            (self.out_dir / f"model-{i:05d}.tmp.safetensors").rename(self.out_dir / name)
+            weight_map.update(dict.fromkeys(keys, name))
+        index = {"metadata": {"total_size": self.total_bytes},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def split_layers(keys: list[str]) -> list[tuple[int | None, list[str]]]:
+    """Keys grouped by decoder layer, in layer order, then the non-layer keys (layer ``None``)."""
+    groups: dict[int | None, list[str]] = {}
+    for key in keys:
+        match = LAYER_KEY.match(key)
+        groups.setdefault(int(match.group(1)) if match else None, []).append(key)
+    layers = sorted(k for k in groups if k is not None)
+    ordered = [(layer, sorted(groups[layer])) for layer in layers]
+    return [*ordered, (None, sorted(groups.get(None, [])))]
+
+
+# --- expert layouts ---------------------------------------------------------------------------
+
+_PER_EXPERT = re.compile(r"^(?P<block>model\.layers\.\d+\.[\w.]+?)\.experts\.(?P<e>\d+)\."
+                         r"(?P<proj>\w+)\.weight$")
+_FUSED = re.compile(r"^(?P<block>model\.layers\.\d+\.[\w.]+?)\.experts\.(?P<proj>gate_up_proj|"
+                    r"down_proj)$")
+# per-expert projection names → role (Mixtral calls them w1/w3/w2)
+_ROLE = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down",
+         "w2": "down"}
+
+
+def detect_layout(keys: list[str]) -> Layout | None:
+    """Which expert layout a checkpoint uses (``None`` for a dense model)."""
+    if any(_FUSED.match(k) for k in keys):
+        return "fused"
+    if any(_PER_EXPERT.match(k) for k in keys):
+        return "per_expert"
+    return None
+
+
+def fuse_experts(gate: list[torch.Tensor], up: list[torch.Tensor],
+                 down: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-expert [I, H] gate/up and [H, I] down → fused ``gate_up_proj`` and ``down_proj``."""
+    gate_up = torch.stack([torch.cat([g, u], dim=0) for g, u in zip(gate, up, strict=True)])
+    return gate_up, torch.stack(down)
+
+
+def unfuse_experts(gate_up: torch.Tensor, down: torch.Tensor
+                   ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """The inverse of :func:`fuse_experts` (gate rows come first in ``gate_up_proj``)."""
+    inter = gate_up.shape[1] // 2
+    return ([gate_up[e, :inter] for e in range(gate_up.shape[0])],
+            [gate_up[e, inter:] for e in range(gate_up.shape[0])],
+            [down[e] for e in range(down.shape[0])])
+
+
+def read_experts(ckpt: LazyCheckpoint, keys: list[str]
+                 ) -> dict[str, tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]]:
+    """Expert weights of the MoE blocks among ``keys`` (one layer's), whatever their layout.
+
+    Returns ``{block prefix: (gate, up, down)}`` with one [I, H] / [I, H] / [H, I] tensor per
+    expert, so callers (layout conversion, the graft) never care how the file stores them.
+    """
+    blocks: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
+    fused: dict[str, dict[str, torch.Tensor]] = {}
+    for key in keys:
+        if match := _FUSED.match(key):
+            fused.setdefault(match["block"], {})[match["proj"]] = ckpt.get(key)
+        elif (match := _PER_EXPERT.match(key)) and match["proj"] in _ROLE:
+            roles = blocks.setdefault(match["block"], {"gate": {}, "up": {}, "down": {}})
+            roles[_ROLE[match["proj"]]][int(match["e"])] = ckpt.get(key)
+    out = {}
+    for block, roles in blocks.items():
+        count = len(roles["down"])
+        for role, by_expert in roles.items():
+            if sorted(by_expert) != list(range(count)):
+                raise CheckpointError(f"{block}: expert {role} weights for experts "
+                                      f"{sorted(by_expert)}; expected 0..{count - 1}")
+        out[block] = tuple([roles[r][e] for e in range(count)] for r in ("gate", "up", "down"))
+    for block, pair in fused.items():
+        if set(pair) != {"gate_up_proj", "down_proj"}:
+            raise CheckpointError(f"{block}.experts: fused layout needs gate_up_proj and "
+                                  f"down_proj, found {sorted(pair)}")
+        out[block] = unfuse_experts(pair["gate_up_proj"], pair["down_proj"])
+    return out  # type: ignore[return-value]
+
+
+def expert_keys_of(keys: list[str]) -> set[str]:
+    """The keys among ``keys`` that hold expert weights (in either layout)."""
+    return {k for k in keys if _FUSED.match(k) or
+            ((m := _PER_EXPERT.match(k)) and m["proj"] in _ROLE)}
+
+
+def write_experts(block: str, gate: list[torch.Tensor], up: list[torch.Tensor],
+                  down: list[torch.Tensor], layout: Layout,
+                  names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+                  ) -> dict[str, torch.Tensor]:
+    """The keys → tensors of one MoE block's experts in ``layout``.
+
+    ``names`` are the per-expert projection names of the family (Mixtral: w1, w3, w2); the fused
+    layout always lives under ``<layer>.mlp.experts`` because that is where transformers 5 keeps
+    the module, so ``block`` must be the in-memory block prefix for it.
+    """
+    if layout == "fused":
+        gate_up, stacked_down = fuse_experts(gate, up, down)
+        return {f"{block}.experts.gate_up_proj": gate_up,
+                f"{block}.experts.down_proj": stacked_down}
+    out = {}
+    for e, tensors in enumerate(zip(gate, up, down, strict=True)):
+        for name, tensor in zip(names, tensors, strict=True):
+            out[f"{block}.experts.{e}.{name}.weight"] = tensor
+    return out
+
+
+def relayout(src: str | Path, dst: str | Path, layout: Layout,
+             max_bytes: int = 2 * 1024**3) -> int:
+    """Copy the MoE checkpoint in ``src`` into ``dst`` (an empty folder) with its experts in
+    ``layout``; every other tensor and file is copied as is. Returns the number of MoE blocks.
+
+    Only the standard families have a fused layout in transformers; the package's own class
+    (``deltamoe``) and dense models are refused, naming the model type.
+    """
+    src, dst = Path(src), Path(dst)
+    config = json.loads((src / "config.json").read_text())
+    family = next((f for f in FAMILIES if f.moe_type == config.get("model_type")), None)
+    if family is None:
+        raise CheckpointError(f"{src}: model_type {config.get('model_type')!r} has no fused "
+                              "expert layout; expected " + ", ".join(f.moe_type for f in FAMILIES))
+    blocks = 0
+    writer = ShardWriter(dst, max_bytes)
+    with LazyCheckpoint(src) as ckpt:
+        for layer, keys in split_layers(ckpt.keys()):
+            experts = read_experts(ckpt, keys)
+            routed = expert_keys_of(keys)
+            for key in keys:
+                if key in routed:
+                    continue
+                if layer is not None and key.endswith(".gate.weight"):  # the router
+                    key_out = f"{family.block(layer, layout == 'fused')}.gate.weight"
+                    writer.add(key_out, ckpt.get(key))
+                else:
+                    writer.add(key, ckpt.get(key))
+            for gate, up, down in experts.values():
+                assert layer is not None
+                out_block = family.block(layer, layout == "fused")
+                for key, tensor in write_experts(out_block, gate, up, down, layout,
+                                                 family.expert_names).items():
+                    writer.add(key, tensor.clone())
+                blocks += 1
+    writer.close()
+    for path in src.iterdir():
+        if path.is_file() and not path.name.startswith("model") and path.name != "manifest.json":
+            (dst / path.name).write_bytes(path.read_bytes())
+    return blocks

@@ -1,0 +1,172 @@
+"""The upcycle stage of a run: dense base → language-allocated MoE in ``models/moe-init``.
+
+Everything comes from the run config: the base model (``models.base``, or the synthetic world's
+model), the expert layout, the language allocation (the configured map or the default one), and
+for ``allocation.method: layermoe`` the per-layer expert counts measured on held-out text. The
+stage is skipped when its manifest matches; accounting goes to the manifest and MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from components.config import RunConfig
+from components.moe.allocation import (
+    language_allocation,
+    layer_similarity,
+    layermoe_counts,
+    most_similar_layers,
+)
+from components.moe.upcycle import UpcycleOptions, UpcycleResult, upcycle
+from components.storage import Manifest, RunDir, StageDir, fingerprint
+from components.tracking import RankZeroLogger
+
+STAGE = "models/moe-init"
+SIMILARITY_DOCS = 64  # held-out documents per language for LayerMoE's similarity
+
+
+def base_model_dir(cfg: RunConfig, run_dir: RunDir) -> Path:
+    """The dense base to upcycle: ``models.base`` (a local directory or a hub snapshot), or the
+    synthetic world's model."""
+    if cfg.models is not None:
+        path = Path(cfg.models.base).expanduser()
+        if path.is_dir():
+            return path
+        from huggingface_hub import snapshot_download
+
+        token = cfg.models.hf_token.get_secret_value() if cfg.models.hf_token else None
+        return Path(snapshot_download(cfg.models.base, revision=cfg.models.revision, token=token,
+                                      allow_patterns=["*.json", "*.safetensors", "*.jinja",
+                                                      "tokenizer*", "*.txt", "*.model"]))
+    local = run_dir.local_path
+    if local is None:
+        raise FileNotFoundError("a world run needs a local run directory")
+    model = local / "world" / "model"
+    if not (model / "config.json").exists():
+        raise FileNotFoundError(f"{model}: the world stage has not been built (deltamoe demo)")
+    return model
+
+
+def held_out_texts(cfg: RunConfig, run_dir: RunDir, base: Path) -> dict[str, list[str]]:
+    """Held-out text per run language: the world's evaluation text, or the data stage's
+    validation split decoded with the base tokenizer."""
+    languages = [*cfg.languages.original, *cfg.languages.new]
+    local = run_dir.local_path
+    world_eval = local / "world" / "eval" if local is not None else None
+    texts: dict[str, list[str]] = {}
+    if cfg.world is not None and world_eval is not None and world_eval.exists():
+        for tag in languages:
+            path = world_eval / tag / "lm.jsonl"
+            if path.exists():
+                rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+                texts[tag] = [r["text"] for r in rows[:SIMILARITY_DOCS]]
+        return texts
+    data = run_dir.stage("data")
+    validation = f"{data.path}/validation"
+    if data.read_manifest() is None:
+        raise FileNotFoundError(f"{validation}: LayerMoE allocation needs held-out text; run the "
+                                "data stage first (deltamoe data CONFIG)")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    table = pq.read_table(validation, columns=["input_ids", "lang"],
+                          filesystem=data.fs).to_pydict()
+    for ids, tag in zip(table["input_ids"], table["lang"], strict=True):
+        if tag in languages and len(texts.setdefault(tag, [])) < SIMILARITY_DOCS:
+            texts[tag].append(tokenizer.decode(ids, skip_special_tokens=True))
+    return texts
+
+
+def upcycle_options(cfg: RunConfig, base: Path,
+                    texts: dict[str, list[str]] | None = None) -> UpcycleOptions:
+    """The upcycler's options for this run (LayerMoE measures similarity on ``texts``)."""
+    up, alloc = cfg.upcycle, cfg.upcycle.allocation
+    original, new = cfg.languages.original, cfg.languages.new
+    common: dict[str, Any] = dict(
+        top_k=up.top_k, router_init=up.router_init, router_init_std=up.router_init_std,
+        expert_noise_std=up.expert_noise_std, layout=up.layout, seed=cfg.seed,
+        seq_len=cfg.data.seq_len, original_languages=tuple(original))
+    if alloc.method == "none":
+        return UpcycleOptions(num_experts=up.num_experts, **common,
+                              layers=None if up.layers == "all" else tuple(up.layers))
+    if alloc.method == "language":
+        experts, groups = language_allocation(original, new, up.num_experts, alloc.experts,
+                                              alloc.groups)
+        return UpcycleOptions(num_experts=up.num_experts, allocation=experts, groups=groups,
+                              layers=None if up.layers == "all" else tuple(up.layers), **common)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if texts is None:
+        raise ValueError("layermoe allocation needs held-out texts")
+    missing = sorted(set(original) | set(new) - set(texts))
+    if missing:
+        raise FileNotFoundError(f"no held-out text for {', '.join(missing)} (LayerMoE measures "
+                                "cross-lingual similarity on every run language)")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    similarity = layer_similarity(model, tokenizer, texts, max_length=cfg.data.seq_len)
+    layers = len(similarity)
+    budget = alloc.total_new_experts or (up.num_experts - 1) * layers
+    counts = [1 + n for n in layermoe_counts(similarity, budget)]
+    classifier = most_similar_layers(similarity, min(alloc.classifier_layers, layers))
+    experts = {"original": [0], **{tag: list(range(1, max(counts))) for tag in new}}
+    groups = {"original": list(original)}
+    return UpcycleOptions(experts_per_layer=tuple(counts), classifier_layers=tuple(classifier),
+                          allocation=experts, groups=groups,
+                          layer_similarity=tuple(similarity), **common)
+
+
+def stage_fingerprint(cfg: RunConfig, base: Path) -> str:
+    """The upcycle section, the languages, the seed and the base model's identity."""
+    base_id = (base / "model.safetensors.index.json")
+    base_id = base_id if base_id.exists() else base / "model.safetensors"
+    stat = base_id.stat() if base_id.exists() else None
+    return fingerprint("upcycle", cfg.upcycle.model_dump(mode="json"),
+                       cfg.languages.model_dump(mode="json"), cfg.seed, cfg.data.seq_len,
+                       str(base.resolve()), stat.st_size if stat else None,
+                       stat.st_mtime_ns if stat else None)
+
+
+def ensure_upcycled(cfg: RunConfig, run_dir: RunDir,
+                    logger: RankZeroLogger | None = None) -> tuple[Manifest, bool]:
+    """Build (or skip) the run's upcycled MoE; returns (manifest, built)."""
+    base = base_model_dir(cfg, run_dir)
+    stage: StageDir = run_dir.stage(STAGE)
+    fp = stage_fingerprint(cfg, base)
+    if stage.is_complete(fp):
+        manifest = stage.read_manifest()
+        assert manifest is not None
+        return manifest, False
+    texts = (held_out_texts(cfg, run_dir, base)
+             if cfg.upcycle.allocation.method == "layermoe" else None)
+    options = upcycle_options(cfg, base, texts)
+    with stage.build(fp, inputs={"base": str(base)}, config=asdict(options)) as work:
+        result: UpcycleResult = upcycle(base, work.path, options)
+        work.extra["upcycle"] = result.summary()
+    manifest = stage.read_manifest()
+    assert manifest is not None
+    if logger is not None:
+        log_upcycle(logger, options, result, stage, manifest)
+    return manifest, True
+
+
+def log_upcycle(logger: RankZeroLogger, options: UpcycleOptions, result: UpcycleResult,
+                stage: StageDir, manifest: Manifest) -> None:
+    """Accounting as metrics, the plan as params, the allocation as an artifact."""
+    logger.log_params({"upcycle": {"model_type": result.model_type, "layout": result.layout,
+                                   "experts_per_layer": result.experts_per_layer}})
+    logger.log_metrics(result.accounting.metrics("upcycle"), step=0)
+    for layer, count in enumerate(result.experts_per_layer):
+        logger.log_metrics({"upcycle/experts_per_layer": count}, step=layer)
+    for layer, value in enumerate(options.layer_similarity or ()):
+        logger.log_metrics({"upcycle/layer_similarity": value}, step=layer)
+    logger.log_dict(result.allocation, "allocation.json")
+    logger.log_external_model("moe-init", stage.uri, manifest, model_type="hf-causal-lm")
