@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -84,7 +85,7 @@ def test_rerun_skips_and_other_seed_differs(two_worlds: tuple[Path, Path],
         c["corpora/fineweb2/data/eng_Latn/train/000_00000.parquet"]
 
 
-def test_demo_main_job_tracks_world_stage(tmp_path: Path, monkeypatch) -> None:
+def test_demo_main_job_tracks_its_stages(tmp_path: Path, monkeypatch) -> None:
     from workflows.demo import run_demo
 
     cfg = yaml.safe_load(DEMO_CONFIG.read_text())
@@ -93,23 +94,33 @@ def test_demo_main_job_tracks_world_stage(tmp_path: Path, monkeypatch) -> None:
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump(cfg))
     first = run_demo(path)
-    assert first.stages == {"world": "built"}
+    assert first.stages == {"world": "built", "upcycle": "built"}
     second = run_demo(path)
-    assert second.stages == {"world": "skipped (manifest matches)"}
+    skipped = "skipped (manifest matches)"
+    assert second.stages == {"world": skipped, "upcycle": skipped}
     assert second.parent_run_id == first.parent_run_id
     client = MlflowClient(first.tracking_uri)
     assert first.tracking_uri == f"sqlite:///{tmp_path / 'runs' / 'demo' / 'mlflow.db'}"
     parent = client.get_run(first.parent_run_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.params["languages.new"] == '["swh_Latn", "rus_Cyrl"]'
-    [child] = client.search_runs([parent.info.experiment_id],
-                                 f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{first.parent_run_id}'")
-    assert child.data.tags["deltamoe.stage"] == "world"
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{first.parent_run_id}'")
+    by_stage = {c.data.tags["deltamoe.stage"]: c for c in children}
+    assert sorted(by_stage) == ["upcycle", "world"]
+    child, upcycled = by_stage["world"], by_stage["upcycle"]
     assert child.data.metrics["world/files"] > 20
     assert child.data.metrics["world/documents/swh_Latn"] == 24 + 1 + 1  # + planted dup, junk
-    models = client.search_logged_models([parent.info.experiment_id])
-    assert [m.name for m in models] == ["world-base-init"]
-    assert models[0].tags["uri"].endswith("/demo/world/model")
+    # the demo's allocation: 4 experts, Swahili [1, 2], Russian [1, 3], top-2 of 4
+    assert upcycled.data.metrics["upcycle/active_ratio"] > 1.0
+    assert upcycled.data.metrics["upcycle/moe_parameters"] > \
+        upcycled.data.metrics["upcycle/active_parameters"]
+    allocation = json.loads((tmp_path / "runs/demo/models/moe-init/allocation.json").read_text())
+    assert allocation["experts"]["swh_Latn"] == [1, 2]
+    models = {m.name: m for m in client.search_logged_models([parent.info.experiment_id])}
+    assert sorted(models) == ["moe-init", "world-base-init"]
+    assert models["world-base-init"].tags["uri"].endswith("/demo/world/model")
+    assert models["moe-init"].tags["uri"].endswith("/demo/models/moe-init")
     assert "mlflow ui --backend-store-uri" in first.summary()
 
 

@@ -104,7 +104,7 @@ def upcycle_options(cfg: RunConfig, base: Path,
 
     if texts is None:
         raise ValueError("layermoe allocation needs held-out texts")
-    missing = sorted(set(original) | set(new) - set(texts))
+    missing = sorted((set(original) | set(new)) - set(texts))
     if missing:
         raise FileNotFoundError(f"no held-out text for {', '.join(missing)} (LayerMoE measures "
                                 "cross-lingual similarity on every run language)")
