@@ -131,6 +131,11 @@ def test_bad_input(tmp_path: Path) -> None:
     (dense / "model.safetensors").write_bytes(b"\x10\x00garbage")
     with pytest.raises(UpcycleError, match="unreadable safetensors"):
         upcycle(dense, out, UpcycleOptions())
+    index = {"weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}}
+    (dense / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(UpcycleError, match=r"missing shard\(s\): .*model-00001-of-00002"):
+        upcycle(dense, out, UpcycleOptions())
+    (dense / "model.safetensors.index.json").unlink()
     (dense / "model.safetensors").unlink()
     with pytest.raises(UpcycleError, match=r"no model\.safetensors"):
         upcycle(dense, out, UpcycleOptions())
@@ -183,6 +188,9 @@ def test_fused_layout_and_round_trip(tmp_path: Path, family: str) -> None:
         assert sorted(f.keys()) == sorted(c.keys())
         assert all(torch.equal(f.get(k), c.get(k)) for k in f.keys())
     assert torch.equal(_logits(again, ids), reference)
+    generated = AutoModelForCausalLM.from_pretrained(fused).generate(
+        ids[:1, :3], max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, 7)
 
 
 def test_layermoe_plan_is_exact_and_loads_without_remote_code(tmp_path: Path) -> None:
