@@ -131,6 +131,7 @@ class DeltaMoeForCausalLM(PreTrainedModel, GenerationMixin):
         self._no_split_modules = list(getattr(dense_class, "_no_split_modules", None) or [])
         dense = dense_class(config)
         self.model, self.lm_head = dense.model, dense.lm_head
+        self._dense_forward = dense_class.forward
         self.vocab_size = config.vocab_size
         for index, layer in enumerate(self.model.layers):
             if config.num_experts(index) > 0:
@@ -145,7 +146,7 @@ class DeltaMoeForCausalLM(PreTrainedModel, GenerationMixin):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         # the dense family's forward, run on this module's (shared-structure) attributes
-        return self.config.dense_class().forward(self, *args, **kwargs)
+        return self._dense_forward(self, *args, **kwargs)
 
 
 def register() -> None:
