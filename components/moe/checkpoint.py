@@ -80,31 +80,50 @@ class LazyCheckpoint:
         except Exception as err:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"{path}: unreadable safetensors file ({err})") from None
 
-    def get(self, key: str) -> torch.Tensor:
-        """One tensor; each shard's header is parsed once and its handle kept open."""
+    def _handle(self, key: str) -> Any:
         if key not in self.files:
             raise CheckpointError(f"tensor {key} is missing from the checkpoint")
         path = self.files[key]
-        try:
-            if path not in self._handles:
+        if path not in self._handles:
+            try:
                 self._handles[path] = self._stack.enter_context(safe_open(path, "pt"))
-            return self._handles[path].get_tensor(key)
+            except Exception as err:
+                raise CheckpointError(f"{path}: unreadable safetensors file ({err})") from None
+        return self._handles[path]
+
+    def meta(self, key: str) -> tuple[tuple[int, ...], str]:
+        """Shape and dtype name (``BF16``, ``F32``, ...) from the header, without reading data."""
+        try:
+            tensor = self._handle(key).get_slice(key)
+            return tuple(tensor.get_shape()), str(tensor.get_dtype())
+        except CheckpointError:
+            raise
         except Exception as err:
-            raise CheckpointError(f"{path}: cannot read {key} ({err})") from None
+            raise CheckpointError(f"{self.files[key]}: cannot read {key} ({err})") from None
+
+    def get(self, key: str) -> torch.Tensor:
+        """One tensor; each shard's header is parsed once and its handle kept open."""
+        handle = self._handle(key)
+        try:
+            return handle.get_tensor(key)
+        except Exception as err:
+            raise CheckpointError(f"{self.files[key]}: cannot read {key} ({err})") from None
 
 
 class ShardWriter:
     """Writes tensors into shards of bounded size and the index that maps them.
 
     Shards are written under temporary names and renamed to ``model-XXXXX-of-YYYYY`` only when the
-    count is known, so a crash leaves no directory that looks like a finished checkpoint.
+    count is known, so a crash leaves no directory that looks like a finished checkpoint. Parallel
+    writers (one per Ray task) each use their own ``prefix`` and call :meth:`parts`; the driver
+    then names every part in order with :func:`commit_shards`.
     """
 
-    def __init__(self, out_dir: str | Path, max_bytes: int) -> None:
-        self.out_dir, self.max_bytes = Path(out_dir), max_bytes
+    def __init__(self, out_dir: str | Path, max_bytes: int, prefix: str = "part") -> None:
+        self.out_dir, self.max_bytes, self.prefix = Path(out_dir), max_bytes, prefix
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
-        self.shards: list[list[str]] = []
+        self.written: list[tuple[str, list[str], int]] = []  # (temporary file, keys, bytes)
         self.total_bytes = 0
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
@@ -116,24 +135,34 @@ class ShardWriter:
         self.total_bytes += size
 
     def _flush(self) -> None:
-        number = len(self.shards) + 1
-        save_file(self.pending, self.out_dir / f"model-{number:05d}.tmp.safetensors",
-                  metadata={"format": "pt"})
-        self.shards.append(list(self.pending))
+        name = f"{self.prefix}-{len(self.written) + 1:05d}.tmp.safetensors"
+        save_file(self.pending, self.out_dir / name, metadata={"format": "pt"})
+        self.written.append((name, list(self.pending), self.pending_bytes))
         self.pending, self.pending_bytes = {}, 0
 
-    def close(self) -> None:
+    def parts(self) -> list[tuple[str, list[str], int]]:
+        """Flush what is pending; the temporary files written, in order."""
         if self.pending:
             self._flush()
-        count = len(self.shards)
-        weight_map = {}
-        for i, keys in enumerate(self.shards, start=1):
-            name = f"model-{i:05d}-of-{count:05d}.safetensors"
-            (self.out_dir / f"model-{i:05d}.tmp.safetensors").rename(self.out_dir / name)
-            weight_map.update(dict.fromkeys(keys, name))
-        index = {"metadata": {"total_size": self.total_bytes},
-                 "weight_map": dict(sorted(weight_map.items()))}
-        (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return list(self.written)
+
+    def close(self) -> None:
+        commit_shards(self.out_dir, self.parts())
+
+
+def commit_shards(out_dir: str | Path, parts: list[tuple[str, list[str], int]]) -> None:
+    """Rename temporary parts to ``model-i-of-n.safetensors`` in the given order and write the
+    index: the step that makes a checkpoint directory look complete."""
+    out_dir = Path(out_dir)
+    count = len(parts)
+    weight_map: dict[str, str] = {}
+    for i, (tmp, keys, _) in enumerate(parts, start=1):
+        name = f"model-{i:05d}-of-{count:05d}.safetensors"
+        (out_dir / tmp).rename(out_dir / name)
+        weight_map.update(dict.fromkeys(keys, name))
+    index = {"metadata": {"total_size": sum(size for _, _, size in parts)},
+             "weight_map": dict(sorted(weight_map.items()))}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def split_layers(keys: list[str]) -> list[tuple[int | None, list[str]]]:

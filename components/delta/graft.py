@@ -1,0 +1,397 @@
+"""The streaming graft: θ_out computed tensor by tensor in per-layer tasks, never a whole model.
+
+The driver checks the three checkpoints from their headers alone (architectures, per-tensor
+shapes and dtypes, vocabulary rows) before anything is written, then splits the target's tensors
+by decoder layer (plus one unit for embeddings, final norm and head). Each unit reads only its
+tensors from base, post and target, computes in fp32, casts once to the output dtype and writes
+shard-bounded parts of its own; with ``workers > 1`` units run as Ray tasks with one CPU each,
+so memory per task is one layer of three models plus one output shard. The driver names the
+parts in unit order and writes the index last, so the output is byte-identical however the units
+were scheduled, and a crash leaves no index (the caller's stage folder is never committed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from components.delta.expand import VOCAB_KEYS, Source, family_of, source_for
+from components.delta.methods import Method, combine, get_method
+from components.moe.checkpoint import (
+    CheckpointError,
+    LazyCheckpoint,
+    ShardWriter,
+    commit_shards,
+    split_layers,
+)
+from components.moe.families import family_for
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model",
+                   "generation_config.json")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_FLOAT_HEADERS = {"F32", "F16", "BF16", "F64"}
+
+
+class GraftError(ValueError):
+    """Inputs that cannot be grafted: the message names the model, tensor or option."""
+
+
+@dataclass(frozen=True)
+class GraftOptions:
+    method: str = "deltamoe"
+    scale: float = 1.0
+    expert_scales: dict[int, float] = field(default_factory=dict)
+    family_scales: dict[str, float] = field(default_factory=dict)
+    sparsify: str = "auto"  # auto: the method's own (TIES for ties, DARE for dare, else none)
+    density: float = 1.0
+    seed: int = 0
+    dtype: str = "auto"  # auto: the target's dtype, tensor by tensor
+    max_shard_bytes: int = 2 * 1024**3
+    workers: int = 1  # > 1: Ray tasks on the current (or a new local) Ray instance
+
+    def resolved_sparsify(self, method: Method) -> str:
+        return method.sparsify if self.sparsify == "auto" else self.sparsify
+
+
+@dataclass(frozen=True)
+class GraftInputs:
+    base: str
+    post: str
+    target: str
+
+
+@dataclass(frozen=True)
+class GraftResult:
+    out_dir: str
+    method: str
+    formula: str
+    tensors: int
+    bytes: int
+    units: int
+    vocab_rows: int
+
+
+# --- checks ---------------------------------------------------------------------------------
+
+
+def _config(path: str, role: str) -> dict[str, Any]:
+    try:
+        return json.loads((Path(path) / "config.json").read_text())
+    except FileNotFoundError:
+        raise GraftError(f"{role} {path}: no config.json (not a Hugging Face model directory)"
+                         ) from None
+    except ValueError as err:
+        raise GraftError(f"{role} {path}/config.json: not JSON ({err})") from None
+
+
+def _dense_type(config: dict[str, Any]) -> str:
+    return str(config.get("base_model_type") or config.get("model_type"))
+
+
+def check_architectures(inputs: GraftInputs, method: Method) -> None:
+    """Base and post are the same dense architecture; the target is that architecture (dense
+    methods) or its upcycled MoE (DeltaMoE)."""
+    base, post, target = (_config(p, r) for p, r in ((inputs.base, "base"), (inputs.post, "post"),
+                                                      (inputs.target, "target")))
+    if base.get("model_type") != post.get("model_type"):
+        raise GraftError(f"architecture mismatch: base is {base.get('model_type')!r}, post is "
+                         f"{post.get('model_type')!r}")
+    for key in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads"):
+        if base.get(key) != post.get(key):
+            raise GraftError(f"architecture mismatch: {key} is {base.get(key)} in base, "
+                             f"{post.get(key)} in post")
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
+        if target.get(key) != base.get(key):
+            raise GraftError(f"architecture mismatch: {key} is {base.get(key)} in base, "
+                             f"{target.get(key)} in target")
+    dense = str(base.get("model_type"))
+    target_type = str(target.get("model_type"))
+    if target_type == dense:
+        return
+    moe_types = {family_for(dense).moe_type, "deltamoe"} if method.moe_target else set()
+    if target_type not in moe_types or _dense_type(target) not in (dense, target_type):
+        expected = " or ".join(sorted({dense, *moe_types}))
+        raise GraftError(f"target model_type {target_type!r} does not fit base {dense!r} for "
+                         f"method {method.name} (expected {expected})")
+
+
+def check_tensors(base: LazyCheckpoint, post: LazyCheckpoint, target: LazyCheckpoint,
+                  method: Method) -> int:
+    """Per-tensor shape/dtype compatibility from headers; returns the output vocabulary rows."""
+    if set(base.keys()) != set(post.keys()):
+        only = sorted(set(base.keys()) ^ set(post.keys()))[:3]
+        raise GraftError(f"base and post hold different tensors (e.g. {', '.join(only)}): not "
+                         "the same architecture")
+    rows = {}
+    for key in base.keys():
+        (b_shape, b_dtype), (p_shape, p_dtype) = base.meta(key), post.meta(key)
+        for name, dtype in (("base", b_dtype), ("post", p_dtype)):
+            if dtype not in _FLOAT_HEADERS:
+                raise GraftError(f"{name} tensor {key}: dtype {dtype} is not floating point")
+        if b_dtype != p_dtype:
+            raise GraftError(f"tensor {key}: dtype {b_dtype} in base, {p_dtype} in post")
+        if key in VOCAB_KEYS:
+            if b_shape[1:] != p_shape[1:] or p_shape[0] < b_shape[0]:
+                raise GraftError(f"vocabulary mismatch in {key}: base {list(b_shape)}, post "
+                                 f"{list(p_shape)} (post may only add rows)")
+            rows[key] = (b_shape[0], p_shape[0])
+        elif b_shape != p_shape:
+            raise GraftError(f"shape mismatch in {key}: base {list(b_shape)}, post "
+                             f"{list(p_shape)}")
+    out_rows = 0
+    for key in target.keys():
+        source = source_for(key)
+        t_shape, t_dtype = target.meta(key)
+        if t_dtype not in _FLOAT_HEADERS:
+            raise GraftError(f"target tensor {key}: dtype {t_dtype} is not floating point")
+        if source.kind == "none":
+            continue
+        if source.kind != "same" and not method.moe_target:
+            raise GraftError(f"target tensor {key} is an MoE expert, but method {method.name} "
+                             "grafts onto dense targets only")
+        missing = [k for k in source.dense_keys if k not in base]
+        if missing:
+            raise GraftError(f"target tensor {key} needs {missing[0]}, which base and post lack")
+        dense_shapes = [base.meta(k)[0] for k in source.dense_keys]
+        if key in VOCAB_KEYS:
+            nb, np_ = rows[key]
+            if t_shape[1:] != dense_shapes[0][1:] or t_shape[0] < nb:
+                raise GraftError(f"vocabulary mismatch in {key}: target {list(t_shape)}, base "
+                                 f"{list(dense_shapes[0])}")
+            if t_shape[0] > nb and np_ > nb:
+                raise GraftError(f"{key}: both post ({np_} rows) and target ({t_shape[0]} rows) "
+                                 f"extend the base vocabulary ({nb} rows); cannot merge the "
+                                 "added rows")
+            out_rows = max(out_rows, t_shape[0], np_)
+            continue
+        expected = _expected_shape(source, dense_shapes, t_shape)
+        if tuple(t_shape) != expected:
+            raise GraftError(f"shape mismatch in {key}: target {list(t_shape)}, expected "
+                             f"{list(expected)} from {', '.join(source.dense_keys)}")
+    return out_rows
+
+
+def _expected_shape(source: Source, dense: list[tuple[int, ...]],
+                    target: tuple[int, ...]) -> tuple[int, ...]:
+    if source.kind == "fused_gate_up":
+        return (target[0], dense[0][0] + dense[1][0], *dense[0][1:])
+    if source.kind == "fused_down":
+        return (target[0], *dense[0])
+    return tuple(dense[0])
+
+
+# --- one unit of work -------------------------------------------------------------------------
+
+
+def compute_tensor(key: str, inputs: dict[str, LazyCheckpoint], method: Method,
+                   options: GraftOptions) -> torch.Tensor:
+    """θ_out for one target tensor: fp32 arithmetic, cast once to the output dtype.
+
+    The order of operations is part of the contract: with a single unsparsified Δ at an
+    effective scale of 1 the result is ``(θ_T − θ_B) + θ_P``, so a tensor the training stage
+    froze (θ_T = θ_B bit for bit) comes out as θ_post exactly; otherwise ``θ_T + s · Δ``.
+    Vocabulary tensors take the delta on the base's rows; rows beyond them come from the model
+    that added them (the target keeps its own new rows; otherwise post's added rows are copied).
+    """
+    target = _finite(inputs["target"].get(key), "target", key)
+    source = source_for(key)
+    dtype = target.dtype if options.dtype == "auto" else DTYPES[options.dtype]
+    if source.kind == "none":
+        return target.to(dtype)
+    if method.anchor == "base" and source.kind != "same":
+        raise GraftError(f"{key}: method {method.name} needs a dense target")
+    sparsify = options.resolved_sparsify(method)
+    merged, bases, posts = [], [], []
+    for dense_key in source.dense_keys:
+        base = _finite(inputs["base"].get(dense_key), "base", dense_key).float()
+        rows = base.shape[0]
+        models = {role: _finite(inputs["post"].get(dense_key) if role == "post" else target,
+                                role, dense_key).float()[:rows] for role in method.deltas}
+        deltas = [models[role] - base for role in method.deltas]
+        merged.append(combine(deltas, sparsify, options.density, options.seed, dense_key))
+        bases.append(base)
+        posts.append(models.get("post"))
+    fused = source.kind == "fused_gate_up"
+    delta = torch.cat(merged) if fused else merged[0]
+    scale = options.scale * options.family_scales.get(family_of(key), 1.0)
+    anchor = target.float() if method.anchor == "target" else bases[0]
+    if source.kind in ("fused_gate_up", "fused_down"):
+        scales = torch.tensor([scale * options.expert_scales.get(e, 1.0)
+                               for e in range(anchor.shape[0])])[:, None, None]
+    elif source.kind == "expert":
+        scales = torch.tensor(scale * options.expert_scales.get(source.expert or 0, 1.0))
+    else:
+        scales = torch.tensor(scale)
+    rows = delta.shape[0]
+    shared = anchor[:rows] if key in VOCAB_KEYS else anchor
+    if method.anchor == "target" and sparsify == "none" and bool((scales == 1).all()):
+        base_full = torch.cat(bases) if fused else bases[0]
+        post_full = torch.cat(posts) if fused else posts[0]
+        out = (shared - base_full) + post_full
+    else:
+        out = shared + scales * delta
+    if key in VOCAB_KEYS:
+        added = target[rows:] if target.shape[0] > rows else inputs["post"].get(key)[rows:]
+        out = torch.cat([out, added.float()])
+    return out.to(dtype)
+
+
+def _finite(tensor: torch.Tensor, role: str, key: str) -> torch.Tensor:
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise GraftError(f"{role} tensor {key} holds NaN or Inf")
+    return tensor
+
+
+def graft_unit(unit: int, keys: list[str], inputs: GraftInputs, options: GraftOptions,
+               out_dir: str) -> list[tuple[str, list[str], int]]:
+    """Compute and write one unit (a decoder layer, or the non-layer tensors) as shard parts."""
+    method = get_method(options.method)
+    checkpoints = {role: LazyCheckpoint(getattr(inputs, role)) for role in ("base", "post",
+                                                                             "target")}
+    try:
+        writer = ShardWriter(out_dir, options.max_shard_bytes, prefix=f"unit-{unit:05d}")
+        for key in keys:
+            writer.add(key, compute_tensor(key, checkpoints, method, options))
+        return writer.parts()
+    finally:
+        for checkpoint in checkpoints.values():
+            checkpoint.close()
+
+
+# --- the driver -------------------------------------------------------------------------------
+
+
+def _run_units(units: list[tuple[int, list[str]]], inputs: GraftInputs, options: GraftOptions,
+               out_dir: str) -> list[list[tuple[str, list[str], int]]]:
+    bar = tqdm(total=len(units), desc=f"graft ({options.method})", unit="layer")
+    results: dict[int, list[tuple[str, list[str], int]]] = {}
+    if options.workers <= 1:
+        for unit, keys in units:
+            results[unit] = graft_unit(unit, keys, inputs, options, out_dir)
+            bar.update()
+    else:
+        import ray
+
+        started = not ray.is_initialized()
+        if started:  # a local instance; on a cluster the caller has connected already
+            ray.init(num_cpus=options.workers, include_dashboard=False, log_to_driver=False)
+        task = ray.remote(num_cpus=1, max_retries=0)(graft_unit)
+        pending = {task.remote(u, k, inputs, options, out_dir): u for u, k in units}
+        try:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                results[pending.pop(done[0])] = ray.get(done[0])
+                bar.update()
+        except ray.exceptions.RayTaskError as err:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            cause = err.as_instanceof_cause()
+            raise (cause if isinstance(cause, GraftError | CheckpointError)
+                   else GraftError(str(err))) from None
+        finally:
+            if started:
+                ray.shutdown()
+    bar.close()
+    return [results[unit] for unit, _ in units]
+
+
+def graft(inputs: GraftInputs, out_dir: str | Path, options: GraftOptions) -> GraftResult:
+    """Write θ_out into ``out_dir`` (an empty folder the caller commits atomically)."""
+    method = get_method(options.method)
+    if options.resolved_sparsify(method) not in ("none", "ties", "dare"):
+        raise GraftError(f"sparsify {options.sparsify!r}: expected auto, none, ties or dare")
+    if not 0.0 < options.density <= 1.0:
+        raise GraftError(f"density: expected 0 < density ≤ 1, got {options.density}")
+    if options.dtype not in ("auto", *DTYPES):
+        raise GraftError(f"dtype {options.dtype!r}: expected auto, {', '.join(DTYPES)}")
+    check_architectures(inputs, method)
+    try:
+        with LazyCheckpoint(inputs.base) as base, LazyCheckpoint(inputs.post) as post, \
+                LazyCheckpoint(inputs.target) as target:
+            rows = check_tensors(base, post, target, method)
+            units = list(enumerate(keys for _, keys in split_layers(target.keys()) if keys))
+    except CheckpointError as err:
+        raise GraftError(str(err)) from None
+    out = Path(out_dir)
+    try:
+        parts = [part for unit in _run_units(units, inputs, options, str(out)) for part in unit]
+    except BaseException:
+        for leftover in out.glob("unit-*.tmp.safetensors"):  # no partial output stays behind
+            leftover.unlink()
+        raise
+    commit_shards(out, parts)
+    _finish_directory(inputs, out, method, options, rows)
+    return GraftResult(out_dir=str(out), method=method.name, formula=method.formula,
+                       tensors=sum(len(k) for _, k in units),
+                       bytes=sum(size for _, _, size in parts), units=len(units),
+                       vocab_rows=rows)
+
+
+def _finish_directory(inputs: GraftInputs, out: Path, method: Method, options: GraftOptions,
+                      rows: int) -> None:
+    """Config from the target (vocabulary resized), tokenizer, chat template and generation
+    config from post, the target's allocation, a model card with lineage and the formula."""
+    config = _config(inputs.target, "target")
+    if rows:
+        config["vocab_size"] = rows
+    if options.dtype != "auto":
+        config["dtype"] = options.dtype
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    for name in TOKENIZER_FILES:
+        if (Path(inputs.post) / name).exists():
+            shutil.copy2(Path(inputs.post) / name, out / name)
+    if (Path(inputs.target) / "allocation.json").exists():
+        shutil.copy2(Path(inputs.target) / "allocation.json", out / "allocation.json")
+    lineage = {**asdict(inputs), "options": asdict(options), "formula": method.formula}
+    (out / "README.md").write_text(
+        "---\nlibrary_name: transformers\ntags: [deltamoe, graft]\n---\n"
+        f"# {method.name} graft\n\n`{method.formula}`\n\n"
+        f"- base: `{inputs.base}`\n- post: `{inputs.post}`\n- target: `{inputs.target}`\n"
+        f"- scale λ = {options.scale}, sparsify = {options.resolved_sparsify(method)}, "
+        f"density = {options.density}, seed = {options.seed}\n\n"
+        "Tokenizer, chat template and generation config are the post-trained model's.\n\n"
+        f"```json\n{json.dumps(lineage, indent=2)}\n```\n")
+
+
+def verify(inputs: GraftInputs, out_dir: str | Path, options: GraftOptions,
+           sample: int = 8) -> list[str]:
+    """Reload a sample of output tensors and compare them with a direct in-memory computation
+    (each tensor read straight from the three models, the formula applied without streaming);
+    returns the keys checked, raises GraftError on the first difference."""
+    method = get_method(options.method)
+    with LazyCheckpoint(out_dir) as out:
+        keys = sorted(out.keys())
+        step = max(1, math.ceil(len(keys) / sample))
+        chosen = keys[::step][:sample] + [k for k in VOCAB_KEYS if k in out]
+        checkpoints = {r: LazyCheckpoint(getattr(inputs, r)) for r in ("base", "post", "target")}
+        try:
+            for key in chosen:
+                expected = compute_tensor(key, checkpoints, method, options)
+                if not torch.equal(out.get(key), expected):
+                    diff = (out.get(key).float() - expected.float()).abs().max().item()
+                    raise GraftError(f"verify: {key} differs from the direct computation "
+                                     f"(max abs diff {diff:g})")
+        finally:
+            for checkpoint in checkpoints.values():
+                checkpoint.close()
+    return chosen
+
+
+def parse_size(text: str) -> int:
+    """``2GB`` / ``500MiB`` → bytes (decimal for KB/MB/GB, binary for KiB/MiB/GiB)."""
+    units = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
+             "GIB": 2**30}
+    number = text.strip().upper().rstrip("BIKMG")
+    unit = text.strip().upper()[len(number):].strip() or "B"
+    if unit not in units:
+        raise GraftError(f"size {text!r}: expected a number with B, KB, MB, GB, KiB, MiB or GiB")
+    return int(float(number) * units[unit])
+
