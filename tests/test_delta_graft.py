@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -307,3 +311,76 @@ def test_verify_catches_a_corrupted_output(pair: dict[str, Path], tmp_path: Path
     save_file(state, shard, metadata={"format": "pt"})
     with pytest.raises(GraftError, match="differs from the direct computation"):
         verify(inputs, out, replace(options), sample=len(_state(out)))
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "workflows.cli", *args], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_graft_command_interrupted_then_rerun_is_byte_identical(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**TINY, "num_hidden_layers": 12, "hidden_size": 128,
+                            "intermediate_size": 512})
+    base = _save(LlamaForCausalLM(config), tmp_path / "base")
+    post = _perturbed(base, tmp_path / "post", seed=1)
+    cpt = _perturbed(base, tmp_path / "cpt", seed=2)
+    args = ["graft", "--base", str(base), "--post", str(post), "--target", str(cpt),
+            "--method", "dare", "--density", "0.5", "--max-shard-size", "300KB"]
+    clean = _cli(*args, "--out", str(tmp_path / "clean"), "--verify")
+    assert clean.returncode == 0, clean.stderr
+    assert "verified" in clean.stdout and "dare written" in clean.stdout
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen([sys.executable, "-m", "workflows.cli", *args, "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob("interrupted*/unit-*.safetensors")):
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    assert list(tmp_path.glob("interrupted*/unit-*.safetensors")), "killed before any write"
+    assert not (out / "manifest.json").exists()
+    assert not list(tmp_path.glob("interrupted*/model.safetensors.index.json"))
+    rerun = _cli(*args, "--out", str(out))
+    assert rerun.returncode == 0, rerun.stderr
+    files = sorted(p.name for p in (tmp_path / "clean").iterdir() if p.name != "manifest.json")
+    assert files == sorted(p.name for p in out.iterdir() if p.name != "manifest.json")
+    for name in files:
+        assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("interrupted.")]
+    again = _cli(*args, "--out", str(out))
+    assert "already complete, skipped" in again.stdout
+
+
+def test_graft_command_errors(pair: dict[str, Path], tmp_path: Path) -> None:
+    bad = _cli("graft", "--base", str(pair["base"]), "--post", str(pair["post"]), "--target",
+               str(pair["cpt_moe"]), "--out", str(tmp_path / "x"), "--method", "param_delta")
+    assert bad.returncode == 2 and "does not fit base 'llama'" in bad.stderr
+    assert not (tmp_path / "x").exists()
+    missing = _cli("graft", "--base", str(pair["base"]))
+    assert missing.returncode == 2 and "--post, --target, --out required" in missing.stderr
+
+
+def test_graft_stage_from_a_run_config(pair: dict[str, Path], tmp_path: Path) -> None:
+    from components.config import parse_config
+    from components.storage import RunDir
+    from workflows.graft_stage import ensure_grafted
+
+    cfg = parse_config({"run_name": "g", "models": {"base": str(pair["base"]),
+                                                    "post": str(pair["post"])},
+                        "languages": {"original": ["eng_Latn"], "new": ["swh_Latn"]},
+                        "storage": {"root": str(tmp_path)}, "resources": {"num_workers": 1},
+                        "graft": {"method": "deltamoe", "verify": True}})
+    run_dir = RunDir(cfg.storage.root, cfg.run_name)
+    with pytest.raises(FileNotFoundError, match=r"models/cpt-moe: not built yet"):
+        ensure_grafted(cfg, run_dir)
+    with run_dir.stage("models/cpt-moe").build("trained") as work:
+        for path in pair["cpt_moe_fused"].iterdir():
+            (work.path / path.name).write_bytes(path.read_bytes())
+    manifest, built = ensure_grafted(cfg, run_dir)
+    assert built and len(manifest.extra["verified"]) >= 8
+    direct = _graft(pair, tmp_path, "cpt_moe_fused", "direct", method="deltamoe")
+    graft_dir = tmp_path / "g" / "models" / "deltamoe"
+    assert all(torch.equal(a, b) for a, b in zip(_state(direct).values(),
+                                                 _state(graft_dir).values(), strict=True))
+    assert not ensure_grafted(cfg, run_dir)[1]  # skipped on rerun

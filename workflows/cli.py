@@ -28,7 +28,6 @@ _PENDING = {
     "run": "the end-to-end expansion workflow",
     "data": "the data stage (read, language-tag, filter, dedup, tokenize, pack)",
     "train": "continued pre-training on Ray Train",
-    "graft": "the Δpost graft and merge baselines",
     "evaluate": "per-language evaluation",
     "report": "the HTML report from MLflow",
     "submit": "submission to a Ray cluster",
@@ -281,6 +280,131 @@ def _upcycle_from_config(config: Path, overrides: tuple[str, ...]) -> None:
     if not built:
         click.echo(f"{where}: already complete, skipped")
     _print_upcycled(where, manifest.extra["upcycle"])
+
+
+# ----------------------------------------------------------------------------- graft
+
+
+def _scales(option: str, pairs: tuple[str, ...], key_type: type) -> dict:
+    out = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        try:
+            out[key_type(name)] = float(value)
+        except ValueError:
+            raise UserError(f"{option} {pair!r}: expected NAME=NUMBER") from None
+    return out
+
+
+@cli.command()
+@click.argument("config", required=False, type=click.Path(path_type=Path))
+@click.option("--base", type=click.Path(exists=True, file_okay=False), help="θ_base directory.")
+@click.option("--post", type=click.Path(exists=True, file_okay=False),
+              help="θ_post (instruct) directory.")
+@click.option("--target", type=click.Path(exists=True, file_okay=False),
+              help="The model that receives Δ: CPT-MoE (deltamoe) or CPT-dense (baselines).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory (built atomically; skipped if already complete).")
+@click.option("--method", type=click.Choice(["deltamoe", "param_delta", "task_arithmetic",
+                                             "ties", "dare"]), default=None,
+              help="Default: deltamoe (or the config's graft.method).")
+@click.option("--scale", default=1.0, show_default=True, help="λ, the global scale of Δ.")
+@click.option("--expert-scale", "expert_scales", multiple=True, metavar="E=S",
+              help="α_e for expert E (repeatable).")
+@click.option("--family-scale", "family_scales", multiple=True, metavar="FAMILY=S",
+              help="Scale for attention, mlp, norm, embed or lm_head (repeatable).")
+@click.option("--sparsify", type=click.Choice(["auto", "none", "ties", "dare"]), default="auto",
+              show_default=True)
+@click.option("--density", default=1.0, show_default=True, help="TIES/DARE share of Δ kept.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+              default="auto", show_default=True)
+@click.option("--max-shard-size", default="2GB", show_default=True)
+@click.option("--workers", default=1, show_default=True,
+              help="Ray tasks in parallel (1: in this process).")
+@click.option("--verify", "check", is_flag=True,
+              help="Reload a sample of output tensors and compare with a direct computation.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="With CONFIG: override a config key (dotted path).")
+def graft(config: Path | None, base: str | None, post: str | None, target: str | None,
+          out_dir: Path | None, method: str | None, scale: float,
+          expert_scales: tuple[str, ...], family_scales: tuple[str, ...], sparsify: str,
+          density: float, seed: int, dtype: str, max_shard_size: str, workers: int, check: bool,
+          overrides: tuple[str, ...]) -> None:
+    """Graft Δpost = θ_post − θ_base onto a trained model, or build a merge baseline.
+
+    With CONFIG: the run's models (graft.method, or --method) into runs/<run>/models/<method>.
+    Without: --base, --post, --target and --out. Streams tensor by tensor in per-layer tasks.
+    """
+    from dataclasses import asdict
+
+    from components.delta.graft import GraftError, GraftInputs, GraftOptions, parse_size
+    from components.delta.graft import graft as run_graft
+    from components.delta.graft import verify as run_verify
+    from components.storage import StageDir, fingerprint
+
+    if config is not None:
+        if base or post or target or out_dir:
+            raise UserError("give either CONFIG or --base/--post/--target/--out, not both")
+        _graft_from_config(config, method, overrides)
+        return
+    missing = [n for n, v in (("--base", base), ("--post", post), ("--target", target),
+                              ("--out", out_dir)) if not v]
+    if missing:
+        raise UserError(f"{', '.join(missing)} required without a CONFIG")
+    assert base and post and target and out_dir
+    try:
+        options = GraftOptions(
+            method=method or "deltamoe", scale=scale,
+            expert_scales=_scales("--expert-scale", expert_scales, int),
+            family_scales=_scales("--family-scale", family_scales, str), sparsify=sparsify,
+            density=density, seed=seed, dtype=dtype, max_shard_bytes=parse_size(max_shard_size),
+            workers=workers)
+        inputs = GraftInputs(*(str(Path(p).resolve()) for p in (base, post, target)))
+        stage = StageDir(str(out_dir.resolve()))
+        fp = fingerprint("graft", asdict(inputs), {**asdict(options), "workers": None})
+        if stage.is_complete(fp):
+            click.echo(f"{out_dir}: already complete, skipped")
+            return
+        with stage.build(fp, inputs=asdict(inputs), config=asdict(options),
+                         refuse_foreign=True) as work:
+            result = run_graft(inputs, work.path, options)
+            if check:
+                work.extra["verified"] = run_verify(inputs, work.path, options)
+            work.extra["graft"] = asdict(result)
+    except GraftError as err:
+        raise UserError(str(err)) from None
+    click.echo(f"{result.method} written to {out_dir}: {result.tensors} tensors, "
+               f"{result.bytes / 1e6:.1f} MB in {result.units} layer tasks\n{result.formula}"
+               + ("\nverified: sample matches the direct computation" if check else ""))
+
+
+def _graft_from_config(config: Path, method: str | None, overrides: tuple[str, ...]) -> None:
+    from components.delta.graft import GraftError
+    from components.storage import RunDir, fingerprint
+    from components.tracking import ExpansionTracker, resolve_tracking_uri
+    from workflows.graft_stage import ensure_grafted
+
+    cfg = load_config(config, overrides=_parse_overrides(overrides))
+    run_dir = RunDir(cfg.storage.root, cfg.run_name, cfg.storage.storage_options)
+    tracker = ExpansionTracker(resolve_tracking_uri(cfg.tracking.uri, run_dir),
+                               cfg.tracking.experiment, cfg.run_name, tags=cfg.tracking.tags)
+    resolved = cfg.model_dump(mode="json")
+    tracker.log_config(resolved, fingerprint(resolved))
+    name = method or cfg.graft.method
+    try:
+        with tracker.stage(f"graft-{name}") as logger:
+            manifest, built = ensure_grafted(cfg, run_dir, name, logger)
+    except GraftError as err:
+        tracker.finish(failed=True)
+        raise UserError(str(err)) from None
+    except BaseException:
+        tracker.finish(failed=True)
+        raise
+    tracker.finish()
+    where = run_dir.stage(f"models/{name}").uri
+    state = "written" if built else "already complete, skipped"
+    click.echo(f"{name} {state}: {where} ({manifest.extra['graft']['tensors']} tensors)")
 
 
 # ----------------------------------------------------------------------------- later stages
