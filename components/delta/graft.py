@@ -191,7 +191,27 @@ def _expected_shape(source: Source, dense: list[tuple[int, ...]],
 # --- one unit of work -------------------------------------------------------------------------
 
 
-def compute_tensor(key: str, inputs: dict[str, LazyCheckpoint], method: Method,
+class UnitReader:
+    """The three checkpoints as one unit of work sees them: every input tensor is read, checked
+    for NaN/Inf and converted to fp32 once, however many experts reuse it (an MoE layer's E
+    experts all take the same dense FFN delta), and merged deltas are kept for the same reason.
+    A unit is one decoder layer, so what is kept is bounded by one layer."""
+
+    def __init__(self, checkpoints: dict[str, LazyCheckpoint]) -> None:
+        self.checkpoints = checkpoints
+        self._fp32: dict[tuple[str, str], torch.Tensor] = {}
+        self.merged: dict[str, torch.Tensor] = {}
+
+    def raw(self, role: str, key: str) -> torch.Tensor:
+        return _finite(self.checkpoints[role].get(key), role, key)
+
+    def fp32(self, role: str, key: str) -> torch.Tensor:
+        if (role, key) not in self._fp32:
+            self._fp32[role, key] = self.raw(role, key).float()
+        return self._fp32[role, key]
+
+
+def compute_tensor(key: str, reader: UnitReader, method: Method,
                    options: GraftOptions) -> torch.Tensor:
     """θ_out for one target tensor: fp32 arithmetic, cast once to the output dtype.
 
@@ -201,7 +221,7 @@ def compute_tensor(key: str, inputs: dict[str, LazyCheckpoint], method: Method,
     Vocabulary tensors take the delta on the base's rows; rows beyond them come from the model
     that added them (the target keeps its own new rows; otherwise post's added rows are copied).
     """
-    target = _finite(inputs["target"].get(key), "target", key)
+    target = reader.raw("target", key)
     source = source_for(key)
     dtype = target.dtype if options.dtype == "auto" else DTYPES[options.dtype]
     if source.kind == "none":
@@ -209,44 +229,59 @@ def compute_tensor(key: str, inputs: dict[str, LazyCheckpoint], method: Method,
     if method.anchor == "base" and source.kind != "same":
         raise GraftError(f"{key}: method {method.name} needs a dense target")
     sparsify = options.resolved_sparsify(method)
-    merged, bases, posts = [], [], []
-    for dense_key in source.dense_keys:
-        base = _finite(inputs["base"].get(dense_key), "base", dense_key).float()
-        rows = base.shape[0]
-        models = {role: _finite(inputs["post"].get(dense_key) if role == "post" else target,
-                                role, dense_key).float()[:rows] for role in method.deltas}
-        deltas = [models[role] - base for role in method.deltas]
-        merged.append(combine(deltas, sparsify, options.density, options.seed, dense_key))
-        bases.append(base)
-        posts.append(models.get("post"))
-    fused = source.kind == "fused_gate_up"
-    delta = torch.cat(merged) if fused else merged[0]
     scale = options.scale * options.family_scales.get(family_of(key), 1.0)
-    anchor = target.float() if method.anchor == "target" else bases[0]
     if source.kind in ("fused_gate_up", "fused_down"):
         scales = torch.tensor([scale * options.expert_scales.get(e, 1.0)
-                               for e in range(anchor.shape[0])])[:, None, None]
+                               for e in range(target.shape[0])])[:, None, None]
     elif source.kind == "expert":
         scales = torch.tensor(scale * options.expert_scales.get(source.expert or 0, 1.0))
     else:
         scales = torch.tensor(scale)
-    rows = delta.shape[0]
-    shared = anchor[:rows] if key in VOCAB_KEYS else anchor
-    if method.anchor == "target" and sparsify == "none" and bool((scales == 1).all()):
-        base_full = torch.cat(bases) if fused else bases[0]
-        post_full = torch.cat(posts) if fused else posts[0]
-        out = (shared - base_full) + post_full
+    rows = reader.checkpoints["base"].meta(source.dense_keys[0])[0][0]
+    fused = source.kind == "fused_gate_up"
+
+    def joined(role: str) -> torch.Tensor:
+        parts = [reader.fp32(role, k)[:rows] for k in source.dense_keys]
+        return torch.cat(parts) if fused else parts[0]
+
+    def own_fp32(tensor: torch.Tensor) -> torch.Tensor:
+        # a private fp32 copy: tensors from safe_open may share memory with its mapping, and
+        # writing into them would change what the next read of that key returns
+        return tensor.to(torch.float32, copy=True)
+
+    exact = method.anchor == "target" and sparsify == "none" and bool((scales == 1).all())
+    if exact:  # (θ_T − θ_B) + θ_P, in place on a private copy
+        out = own_fp32(target[:rows] if key in VOCAB_KEYS else target)
+        out.sub_(joined("base")).add_(joined("post"))
     else:
-        out = shared + scales * delta
+        merged = []
+        for dense_key in source.dense_keys:
+            cache = dense_key if method.deltas == ("post",) else key
+            if cache not in reader.merged:
+                base = reader.fp32("base", dense_key)
+                deltas = [(reader.fp32("post", dense_key)[:rows] if role == "post"
+                           else target.float()) - base for role in method.deltas]
+                reader.merged[cache] = combine(deltas, sparsify, options.density, options.seed,
+                                               dense_key)
+            merged.append(reader.merged[cache])
+        delta = torch.cat(merged) if fused else merged[0]
+        if method.anchor == "target":
+            anchor = own_fp32(target[:rows] if key in VOCAB_KEYS else target)
+        else:
+            anchor = own_fp32(reader.fp32("base", source.dense_keys[0]))
+        out = anchor.add_(scales * delta)
     if key in VOCAB_KEYS:
-        added = target[rows:] if target.shape[0] > rows else inputs["post"].get(key)[rows:]
+        added = target[rows:] if target.shape[0] > rows else reader.raw("post", key)[rows:]
         out = torch.cat([out, added.float()])
     return out.to(dtype)
 
 
 def _finite(tensor: torch.Tensor, role: str, key: str) -> torch.Tensor:
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-        raise GraftError(f"{role} tensor {key} holds NaN or Inf")
+    """NaN/Inf check: one fp32-accumulated sum (NaN and Inf propagate through it), and the exact
+    elementwise check only when the sum is not finite (a sum can overflow on its own)."""
+    if tensor.is_floating_point() and not torch.isfinite(tensor.sum(dtype=torch.float32)):
+        if not torch.isfinite(tensor).all():
+            raise GraftError(f"{role} tensor {key} holds NaN or Inf")
     return tensor
 
 
@@ -258,8 +293,9 @@ def graft_unit(unit: int, keys: list[str], inputs: GraftInputs, options: GraftOp
                                                                              "target")}
     try:
         writer = ShardWriter(out_dir, options.max_shard_bytes, prefix=f"unit-{unit:05d}")
+        reader = UnitReader(checkpoints)
         for key in keys:
-            writer.add(key, compute_tensor(key, checkpoints, method, options))
+            writer.add(key, compute_tensor(key, reader, method, options))
         return writer.parts()
     finally:
         for checkpoint in checkpoints.values():
@@ -374,7 +410,7 @@ def verify(inputs: GraftInputs, out_dir: str | Path, options: GraftOptions,
         checkpoints = {r: LazyCheckpoint(getattr(inputs, r)) for r in ("base", "post", "target")}
         try:
             for key in chosen:
-                expected = compute_tensor(key, checkpoints, method, options)
+                expected = compute_tensor(key, UnitReader(checkpoints), method, options)
                 if not torch.equal(out.get(key), expected):
                     diff = (out.get(key).float() - expected.float()).abs().max().item()
                     raise GraftError(f"verify: {key} differs from the direct computation "
