@@ -164,7 +164,8 @@ def test_scales_and_parallel_workers_match(pair: dict[str, Path], tmp_path: Path
     delta = post[dense] - base[dense]
     assert torch.equal(out[key][0], cpt[key][0])  # α_0 = 0
     assert torch.equal(out[key][1], cpt[key][1] + 0.5 * delta)
-    assert torch.equal(out[key][2], cpt[key][2] + 1.0 * delta)
+    # effective scale 0.5 · 2 = 1: the exact form (θ_T − θ_B) + θ_P
+    assert torch.equal(out[key][2], (cpt[key][2] - base[dense]) + post[dense])
     q = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(out[q], cpt[q])  # attention family scaled to 0
     norm = "model.norm.weight"

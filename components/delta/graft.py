@@ -191,35 +191,48 @@ def _expected_shape(source: Source, dense: list[tuple[int, ...]],
 # --- one unit of work -------------------------------------------------------------------------
 
 
+BLOCK_ELEMENTS = 4 * 1024 * 1024  # fp32 working block: 16 MB, whatever the tensor's size
+
+
 class UnitReader:
-    """The three checkpoints as one unit of work sees them: every input tensor is read, checked
-    for NaN/Inf and converted to fp32 once, however many experts reuse it (an MoE layer's E
-    experts all take the same dense FFN delta), and merged deltas are kept for the same reason.
-    A unit is one decoder layer, so what is kept is bounded by one layer."""
+    """The three checkpoints as one unit of work sees them: every input tensor is read and
+    checked for NaN/Inf once, however many experts reuse it (an MoE layer's E experts all take
+    the same dense FFN delta), and sparsified deltas are kept for the same reason. A unit is one
+    decoder layer, so what is kept is bounded by one layer."""
 
     def __init__(self, checkpoints: dict[str, LazyCheckpoint]) -> None:
         self.checkpoints = checkpoints
-        self._fp32: dict[tuple[str, str], torch.Tensor] = {}
+        self._raw: dict[tuple[str, str], torch.Tensor] = {}
         self.merged: dict[str, torch.Tensor] = {}
 
-    def raw(self, role: str, key: str) -> torch.Tensor:
-        return _finite(self.checkpoints[role].get(key), role, key)
+    def raw(self, role: str, key: str, keep: bool = False) -> torch.Tensor:
+        if (role, key) in self._raw:
+            return self._raw[role, key]
+        tensor = _finite(self.checkpoints[role].get(key), role, key)
+        if keep:
+            self._raw[role, key] = tensor
+        return tensor
 
-    def fp32(self, role: str, key: str) -> torch.Tensor:
-        if (role, key) not in self._fp32:
-            self._fp32[role, key] = self.raw(role, key).float()
-        return self._fp32[role, key]
+
+def _row_blocks(rows: int, row_elements: int) -> list[tuple[int, int]]:
+    step = max(1, BLOCK_ELEMENTS // max(1, row_elements))
+    return [(start, min(rows, start + step)) for start in range(0, rows, step)]
 
 
 def compute_tensor(key: str, reader: UnitReader, method: Method,
                    options: GraftOptions) -> torch.Tensor:
     """θ_out for one target tensor: fp32 arithmetic, cast once to the output dtype.
 
-    The order of operations is part of the contract: with a single unsparsified Δ at an
-    effective scale of 1 the result is ``(θ_T − θ_B) + θ_P``, so a tensor the training stage
-    froze (θ_T = θ_B bit for bit) comes out as θ_post exactly; otherwise ``θ_T + s · Δ``.
-    Vocabulary tensors take the delta on the base's rows; rows beyond them come from the model
-    that added them (the target keeps its own new rows; otherwise post's added rows are copied).
+    Elementwise methods run over row blocks of at most ``BLOCK_ELEMENTS`` fp32 values, so the
+    working memory is the output tensor plus a few blocks, however large the tensor (a 70B
+    model's embedding included). The order of operations is part of the contract: with one
+    unsparsified Δ at an effective scale of 1 the result is ``(θ_T − θ_B) + θ_P``, so a tensor
+    the training stage froze (θ_T = θ_B bit for bit) comes out as θ_post exactly; otherwise
+    ``θ_T + s · (θ_P − θ_B)``, or ``θ_B + s · ((θ_T − θ_B) + (θ_P − θ_B))`` for the merges.
+    TIES and DARE need the whole delta (a magnitude threshold, a mask drawn per tensor), so they
+    work on full fp32 tensors. Vocabulary tensors take the delta on the base's rows; rows beyond
+    them come from the model that added them (the target keeps its own new rows; otherwise
+    post's added rows are copied).
     """
     target = reader.raw("target", key)
     source = source_for(key)
@@ -230,50 +243,61 @@ def compute_tensor(key: str, reader: UnitReader, method: Method,
         raise GraftError(f"{key}: method {method.name} needs a dense target")
     sparsify = options.resolved_sparsify(method)
     scale = options.scale * options.family_scales.get(family_of(key), 1.0)
+    keep = source.kind != "same"  # experts reuse their layer's dense tensors
+    out = torch.empty(target.shape, dtype=dtype)
     if source.kind in ("fused_gate_up", "fused_down"):
-        scales = torch.tensor([scale * options.expert_scales.get(e, 1.0)
-                               for e in range(target.shape[0])])[:, None, None]
+        views = [(target[e], out[e], scale * options.expert_scales.get(e, 1.0))
+                 for e in range(target.shape[0])]
     elif source.kind == "expert":
-        scales = torch.tensor(scale * options.expert_scales.get(source.expert or 0, 1.0))
+        views = [(target, out, scale * options.expert_scales.get(source.expert or 0, 1.0))]
     else:
-        scales = torch.tensor(scale)
-    rows = reader.checkpoints["base"].meta(source.dense_keys[0])[0][0]
-    fused = source.kind == "fused_gate_up"
+        views = [(target, out, scale)]
+    offset = 0
+    for dense_key in source.dense_keys:
+        base = reader.raw("base", dense_key, keep)
+        post = reader.raw("post", dense_key, keep)
+        rows = base.shape[0]
+        if sparsify != "none":
+            delta = _sparse_delta(reader, method, options, dense_key, base, post, target)
+        for t_view, o_view, s in views:
+            segment = slice(offset, offset + rows)
+            if sparsify != "none":
+                anchor = base if method.anchor == "base" else t_view[segment]
+                o_view[segment] = (anchor.float() + s * delta).to(dtype)
+                continue
+            for start, stop in _row_blocks(rows, base[0].numel()):
+                b, p = base[start:stop], post[start:stop]
+                t = t_view[offset + start:offset + stop].to(torch.float32, copy=True)
+                if method.anchor == "target" and s == 1.0:
+                    t.sub_(b).add_(p)
+                elif method.anchor == "target":  # θ_T + s·(θ_P − θ_B), no fused multiply-add
+                    t = p.to(torch.float32, copy=True).sub_(b).mul_(s).add_(t)
+                else:  # θ_B + s·((θ_T − θ_B) + (θ_P − θ_B))
+                    t.sub_(b).add_(p.to(torch.float32, copy=True).sub_(b)).mul_(s).add_(b)
+                o_view[offset + start:offset + stop] = t
+        offset += rows
+    if key in VOCAB_KEYS and target.shape[0] > offset:
+        out[offset:] = target[offset:]
+    elif key in VOCAB_KEYS:
+        added = reader.raw("post", key)[offset:]
+        out = torch.cat([out, added.to(dtype)]) if added.shape[0] else out
+    return out
 
-    def joined(role: str) -> torch.Tensor:
-        parts = [reader.fp32(role, k)[:rows] for k in source.dense_keys]
-        return torch.cat(parts) if fused else parts[0]
 
-    def own_fp32(tensor: torch.Tensor) -> torch.Tensor:
-        # a private fp32 copy: tensors from safe_open may share memory with its mapping, and
-        # writing into them would change what the next read of that key returns
-        return tensor.to(torch.float32, copy=True)
-
-    exact = method.anchor == "target" and sparsify == "none" and bool((scales == 1).all())
-    if exact:  # (θ_T − θ_B) + θ_P, in place on a private copy
-        out = own_fp32(target[:rows] if key in VOCAB_KEYS else target)
-        out.sub_(joined("base")).add_(joined("post"))
-    else:
-        merged = []
-        for dense_key in source.dense_keys:
-            cache = dense_key if method.deltas == ("post",) else key
-            if cache not in reader.merged:
-                base = reader.fp32("base", dense_key)
-                deltas = [(reader.fp32("post", dense_key)[:rows] if role == "post"
-                           else target.float()) - base for role in method.deltas]
-                reader.merged[cache] = combine(deltas, sparsify, options.density, options.seed,
-                                               dense_key)
-            merged.append(reader.merged[cache])
-        delta = torch.cat(merged) if fused else merged[0]
-        if method.anchor == "target":
-            anchor = own_fp32(target[:rows] if key in VOCAB_KEYS else target)
-        else:
-            anchor = own_fp32(reader.fp32("base", source.dense_keys[0]))
-        out = anchor.add_(scales * delta)
-    if key in VOCAB_KEYS:
-        added = target[rows:] if target.shape[0] > rows else reader.raw("post", key)[rows:]
-        out = torch.cat([out, added.float()])
-    return out.to(dtype)
+def _sparse_delta(reader: UnitReader, method: Method, options: GraftOptions, dense_key: str,
+                  base: torch.Tensor, post: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The TIES/DARE-merged delta of one dense tensor (cached when only Δpost is involved)."""
+    cache = dense_key if method.deltas == ("post",) else None
+    if cache in reader.merged:
+        return reader.merged[cache]
+    rows = base.shape[0]
+    deltas = [(post if role == "post" else target)[:rows].float() - base.float()
+              for role in method.deltas]
+    delta = combine(deltas, options.resolved_sparsify(method), options.density, options.seed,
+                    dense_key)
+    if cache is not None:
+        reader.merged[cache] = delta
+    return delta
 
 
 def _finite(tensor: torch.Tensor, role: str, key: str) -> torch.Tensor:
