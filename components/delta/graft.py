@@ -205,10 +205,15 @@ class UnitReader:
         self._raw: dict[tuple[str, str], torch.Tensor] = {}
         self.merged: dict[str, torch.Tensor] = {}
 
-    def raw(self, role: str, key: str, keep: bool = False) -> torch.Tensor:
+    def raw(self, role: str, key: str, keep: bool = False, check: bool = True) -> torch.Tensor:
+        """One input tensor; ``check=False`` when the caller checks what it computes from it
+        (NaN and Inf propagate through the graft's arithmetic, so a finite result proves
+        finite inputs, and a non-finite one is traced back by :func:`_blame`)."""
         if (role, key) in self._raw:
             return self._raw[role, key]
-        tensor = _finite(self.checkpoints[role].get(key), role, key)
+        tensor = self.checkpoints[role].get(key)
+        if check:
+            _finite(tensor, role, key)
         if keep:
             self._raw[role, key] = tensor
         return tensor
@@ -234,14 +239,15 @@ def compute_tensor(key: str, reader: UnitReader, method: Method,
     them come from the model that added them (the target keeps its own new rows; otherwise
     post's added rows are copied).
     """
-    target = reader.raw("target", key)
     source = source_for(key)
+    sparsify = options.resolved_sparsify(method)
+    blockwise = source.kind != "none" and sparsify == "none"
+    target = reader.raw("target", key, check=not blockwise)
     dtype = target.dtype if options.dtype == "auto" else DTYPES[options.dtype]
     if source.kind == "none":
         return target.to(dtype)
     if method.anchor == "base" and source.kind != "same":
         raise GraftError(f"{key}: method {method.name} needs a dense target")
-    sparsify = options.resolved_sparsify(method)
     scale = options.scale * options.family_scales.get(family_of(key), 1.0)
     keep = source.kind != "same"  # experts reuse their layer's dense tensors
     out = torch.empty(target.shape, dtype=dtype)
@@ -254,8 +260,8 @@ def compute_tensor(key: str, reader: UnitReader, method: Method,
         views = [(target, out, scale)]
     offset = 0
     for dense_key in source.dense_keys:
-        base = reader.raw("base", dense_key, keep)
-        post = reader.raw("post", dense_key, keep)
+        base = reader.raw("base", dense_key, keep, check=not blockwise)
+        post = reader.raw("post", dense_key, keep, check=not blockwise)
         rows = base.shape[0]
         if sparsify != "none":
             delta = _sparse_delta(reader, method, options, dense_key, base, post, target)
@@ -274,12 +280,14 @@ def compute_tensor(key: str, reader: UnitReader, method: Method,
                     t = p.to(torch.float32, copy=True).sub_(b).mul_(s).add_(t)
                 else:  # θ_B + s·((θ_T − θ_B) + (θ_P − θ_B))
                     t.sub_(b).add_(p.to(torch.float32, copy=True).sub_(b)).mul_(s).add_(b)
+                if not torch.isfinite(t.sum()):
+                    _blame(key, dense_key, t_view, b, p, offset + start, offset + stop, t)
                 o_view[offset + start:offset + stop] = t
         offset += rows
     if key in VOCAB_KEYS and target.shape[0] > offset:
-        out[offset:] = target[offset:]
+        out[offset:] = _finite(target[offset:], "target", key)
     elif key in VOCAB_KEYS:
-        added = reader.raw("post", key)[offset:]
+        added = _finite(reader.raw("post", key, check=False)[offset:], "post", key)
         out = torch.cat([out, added.to(dtype)]) if added.shape[0] else out
     return out
 
@@ -300,6 +308,17 @@ def _sparse_delta(reader: UnitReader, method: Method, options: GraftOptions, den
     return delta
 
 
+def _blame(key: str, dense_key: str, target: torch.Tensor, base: torch.Tensor,
+           post: torch.Tensor, start: int, stop: int, result: torch.Tensor) -> None:
+    """A block came out non-finite: name the input that holds NaN/Inf, or the overflow."""
+    for role, name, tensor in (("target", key, target[start:stop]), ("base", dense_key, base),
+                               ("post", dense_key, post)):
+        if not torch.isfinite(tensor).all():
+            raise GraftError(f"{role} tensor {name} holds NaN or Inf")
+    if not torch.isfinite(result).all():
+        raise GraftError(f"{key}: the graft overflows fp32 (inputs are finite)")
+
+
 def _finite(tensor: torch.Tensor, role: str, key: str) -> torch.Tensor:
     """NaN/Inf check: one fp32-accumulated sum (NaN and Inf propagate through it), and the exact
     elementwise check only when the sum is not finite (a sum can overflow on its own)."""
@@ -318,9 +337,13 @@ def graft_unit(unit: int, keys: list[str], inputs: GraftInputs, options: GraftOp
     try:
         writer = ShardWriter(out_dir, options.max_shard_bytes, prefix=f"unit-{unit:05d}")
         reader = UnitReader(checkpoints)
-        for key in keys:
-            writer.add(key, compute_tensor(key, reader, method, options))
-        return writer.parts()
+        try:
+            for key in keys:
+                writer.add(key, compute_tensor(key, reader, method, options))
+            return writer.parts()
+        except BaseException:
+            writer.abort()
+            raise
     finally:
         for checkpoint in checkpoints.values():
             checkpoint.close()

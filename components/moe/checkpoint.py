@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Literal
@@ -116,7 +117,9 @@ class ShardWriter:
     Shards are written under temporary names and renamed to ``model-XXXXX-of-YYYYY`` only when the
     count is known, so a crash leaves no directory that looks like a finished checkpoint. Parallel
     writers (one per Ray task) each use their own ``prefix`` and call :meth:`parts`; the driver
-    then names every part in order with :func:`commit_shards`.
+    then names every part in order with :func:`commit_shards`. A full shard is written by a
+    background thread while the caller fills the next one (safetensors serialises without the
+    GIL), so computing and writing overlap and at most two shards are held in memory.
     """
 
     def __init__(self, out_dir: str | Path, max_bytes: int, prefix: str = "part") -> None:
@@ -125,6 +128,8 @@ class ShardWriter:
         self.pending_bytes = 0
         self.written: list[tuple[str, list[str], int]] = []  # (temporary file, keys, bytes)
         self.total_bytes = 0
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self._inflight: Future[None] | None = None
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
@@ -135,16 +140,38 @@ class ShardWriter:
         self.total_bytes += size
 
     def _flush(self) -> None:
+        self._wait()
         name = f"{self.prefix}-{len(self.written) + 1:05d}.tmp.safetensors"
-        save_file(self.pending, self.out_dir / name, metadata={"format": "pt"})
+        self._inflight = self._io.submit(save_file, self.pending, self.out_dir / name,
+                                         metadata={"format": "pt"})
         self.written.append((name, list(self.pending), self.pending_bytes))
         self.pending, self.pending_bytes = {}, 0
 
+    def _wait(self) -> None:
+        if self._inflight is not None:
+            inflight, self._inflight = self._inflight, None
+            inflight.result()  # re-raises a failed write (disk full, permissions) here
+
     def parts(self) -> list[tuple[str, list[str], int]]:
-        """Flush what is pending; the temporary files written, in order."""
-        if self.pending:
-            self._flush()
+        """Flush what is pending and wait for it; the temporary files written, in order."""
+        try:
+            if self.pending:
+                self._flush()
+            self._wait()
+        finally:
+            self._io.shutdown(wait=True)
         return list(self.written)
+
+    def abort(self) -> None:
+        """After a failure: let the write in flight finish, then remove every part written."""
+        try:
+            self._wait()
+        except Exception:  # the original error is what the caller reports
+            pass
+        finally:
+            self._io.shutdown(wait=True)
+        for name, _, _ in self.written:
+            (self.out_dir / name).unlink(missing_ok=True)
 
     def close(self) -> None:
         commit_shards(self.out_dir, self.parts())

@@ -250,8 +250,11 @@ def upcycle(model_dir: str | Path, out_dir: str | Path, options: UpcycleOptions)
                 total += ffn_size * experts
                 active += ffn_size * top_k
         writer.close()
-    except CheckpointError as err:
-        raise UpcycleError(str(err)) from None
+    except BaseException as err:
+        writer.abort()
+        if isinstance(err, CheckpointError):
+            raise UpcycleError(str(err)) from None
+        raise
     finally:
         ckpt.close()
     _write_config(dst, dense_cfg, plan, options)
