@@ -7,7 +7,8 @@ All in one run, side by side, on models built from config (bf16 on disk, like re
 (b) the dense ParamΔ graft vs mergekit's ``task_arithmetic`` on the same dense pair (same
     formula: base + (cpt − base) + (post − base)), time and max abs difference; mergekit is
     installed with ``pip --target`` into ``benchmarks/.mergekit`` (git-ignored), never vendored;
-(c) peak RSS of a graft at two model sizes, in a fresh process, in units of the shard size;
+(c) peak RSS of a graft at two model sizes, in a fresh process, in units of the shard size
+    (64 MiB here, so both models span many shards);
 (d) speedup of 2 Ray workers over 1 on the large model (Ray already running and warm).
 The last line carries headline (a) as ``ratio=<graft time / I/O floor>`` on the large model.
 """
@@ -32,6 +33,7 @@ from components.moe.checkpoint import LazyCheckpoint
 from components.moe.upcycle import UpcycleOptions, upcycle
 
 SHARD = 256 * 1024 * 1024
+RSS_SHARD = 64 * 1024 * 1024  # (c): small enough that both models span many shards
 MERGEKIT_DIR = Path(__file__).parent / ".mergekit"
 
 
@@ -231,13 +233,13 @@ def main() -> None:
             out = root / f"c-{name}"
             out.mkdir()
             proc = subprocess.run(
-                [sys.executable, "-c", _RSS.replace("{shard}", str(SHARD)), str(paths["base"]),
+                [sys.executable, "-c", _RSS.replace("{shard}", str(RSS_SHARD)), str(paths["base"]),
                  str(paths["post"]), str(paths["cpt_moe"]), str(out)],
                 capture_output=True, text=True, check=True)
             before, peak = json.loads(proc.stdout.strip().splitlines()[-1])
             grew = (peak - before) * 1024
             print(f"(c) {name}: peak RSS {peak / 1024:.0f} MB, +{grew / 1e6:.0f} MB over the "
-                  f"imports = {grew / SHARD:.2f} shards of {SHARD / 2**20:.0f} MiB "
+                  f"imports = {grew / RSS_SHARD:.2f} shards of {RSS_SHARD / 2**20:.0f} MiB "
                   f"(model {_bytes(paths['cpt_moe']) / 1e6:.0f} MB)")
 
         # (d) 2 Ray workers vs 1, large model, Ray running and its workers warm

@@ -406,9 +406,11 @@ def graft(inputs: GraftInputs, out_dir: str | Path, options: GraftOptions) -> Gr
     out = Path(out_dir)
     try:
         parts = [part for unit in _run_units(units, inputs, options, str(out)) for part in unit]
-    except BaseException:
+    except BaseException as err:
         for leftover in out.glob("unit-*.tmp.safetensors"):  # no partial output stays behind
             leftover.unlink()
+        if isinstance(err, CheckpointError):
+            raise GraftError(str(err)) from None
         raise
     commit_shards(out, parts)
     _finish_directory(inputs, out, method, options, rows)
