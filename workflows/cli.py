@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -253,12 +254,13 @@ def upcycle(config: Path | None, model_dir: Path | None, out_dir: Path | None, n
     _print_upcycled(str(out_dir), result.summary())
 
 
-def _upcycle_from_config(config: Path, overrides: tuple[str, ...]) -> None:
-    from components.moe.families import UnsupportedArchitectureError
-    from components.moe.upcycle import UpcycleError
+def _tracked(config: Path, overrides: tuple[str, ...], stage: str, errors: tuple[type, ...],
+             build: Any) -> tuple[Any, Any, bool]:
+    """Load CONFIG, open the run's MLflow parent, run ``build(cfg, run_dir, logger)`` in the
+    stage's child run; ``errors`` become one message and exit 2. Returns (run_dir, manifest,
+    built)."""
     from components.storage import RunDir, fingerprint
     from components.tracking import ExpansionTracker, resolve_tracking_uri
-    from workflows.upcycle_stage import STAGE, ensure_upcycled
 
     cfg = load_config(config, overrides=_parse_overrides(overrides))
     run_dir = RunDir(cfg.storage.root, cfg.run_name, cfg.storage.storage_options)
@@ -267,15 +269,26 @@ def _upcycle_from_config(config: Path, overrides: tuple[str, ...]) -> None:
     resolved = cfg.model_dump(mode="json")
     tracker.log_config(resolved, fingerprint(resolved))
     try:
-        with tracker.stage("upcycle") as logger:
-            manifest, built = ensure_upcycled(cfg, run_dir, logger)
-    except (UpcycleError, UnsupportedArchitectureError) as err:
+        with tracker.stage(stage) as logger:
+            manifest, built = build(cfg, run_dir, logger)
+    except errors as err:
         tracker.finish(failed=True)
         raise UserError(str(err)) from None
     except BaseException:
         tracker.finish(failed=True)
         raise
     tracker.finish()
+    return run_dir, manifest, built
+
+
+def _upcycle_from_config(config: Path, overrides: tuple[str, ...]) -> None:
+    from components.moe.families import UnsupportedArchitectureError
+    from components.moe.upcycle import UpcycleError
+    from workflows.upcycle_stage import STAGE, ensure_upcycled
+
+    run_dir, manifest, built = _tracked(config, overrides, "upcycle",
+                                        (UpcycleError, UnsupportedArchitectureError),
+                                        ensure_upcycled)
     where = run_dir.stage(STAGE).uri
     if not built:
         click.echo(f"{where}: already complete, skipped")
@@ -381,27 +394,12 @@ def graft(config: Path | None, base: str | None, post: str | None, target: str |
 
 def _graft_from_config(config: Path, method: str | None, overrides: tuple[str, ...]) -> None:
     from components.delta.graft import GraftError
-    from components.storage import RunDir, fingerprint
-    from components.tracking import ExpansionTracker, resolve_tracking_uri
     from workflows.graft_stage import ensure_grafted
 
-    cfg = load_config(config, overrides=_parse_overrides(overrides))
-    run_dir = RunDir(cfg.storage.root, cfg.run_name, cfg.storage.storage_options)
-    tracker = ExpansionTracker(resolve_tracking_uri(cfg.tracking.uri, run_dir),
-                               cfg.tracking.experiment, cfg.run_name, tags=cfg.tracking.tags)
-    resolved = cfg.model_dump(mode="json")
-    tracker.log_config(resolved, fingerprint(resolved))
-    name = method or cfg.graft.method
-    try:
-        with tracker.stage(f"graft-{name}") as logger:
-            manifest, built = ensure_grafted(cfg, run_dir, name, logger)
-    except GraftError as err:
-        tracker.finish(failed=True)
-        raise UserError(str(err)) from None
-    except BaseException:
-        tracker.finish(failed=True)
-        raise
-    tracker.finish()
+    name = method or load_config(config, overrides=_parse_overrides(overrides)).graft.method
+    run_dir, manifest, built = _tracked(
+        config, overrides, f"graft-{name}", (GraftError,),
+        lambda cfg, run_dir, logger: ensure_grafted(cfg, run_dir, name, logger))
     where = run_dir.stage(f"models/{name}").uri
     state = "written" if built else "already complete, skipped"
     click.echo(f"{name} {state}: {where} ({manifest.extra['graft']['tensors']} tensors)")

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from components.delta.expand import VOCAB_KEYS, Source, family_of, source_for
 from components.delta.methods import Method, combine, get_method
 from components.moe.checkpoint import (
+    SIDE_FILES,
     CheckpointError,
     LazyCheckpoint,
     ShardWriter,
@@ -33,9 +34,6 @@ from components.moe.checkpoint import (
 )
 from components.moe.families import family_for
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model",
-                   "generation_config.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _FLOAT_HEADERS = {"F32", "F16", "BF16", "F64"}
 
@@ -430,7 +428,7 @@ def _finish_directory(inputs: GraftInputs, out: Path, method: Method, options: G
     if options.dtype != "auto":
         config["dtype"] = options.dtype
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    for name in TOKENIZER_FILES:
+    for name in SIDE_FILES:
         if (Path(inputs.post) / name).exists():
             shutil.copy2(Path(inputs.post) / name, out / name)
     if (Path(inputs.target) / "allocation.json").exists():

@@ -26,6 +26,10 @@ from safetensors.torch import save_file
 from components.moe.families import FAMILIES
 
 Layout = Literal["per_expert", "fused"]
+# what a model directory holds besides config and weights: copied by the stages that write one
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt",
+              "tokenizer.model")
 LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 
 

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from components.languages import UnknownLanguageError, canonical_tag
 from components.moe.accounting import Accounting, account
 from components.moe.checkpoint import (
+    SIDE_FILES,
     CheckpointError,
     LazyCheckpoint,
     ShardWriter,
@@ -35,9 +36,6 @@ from components.moe.checkpoint import (
 from components.moe.families import DENSE_FFN, Family, family_for
 from components.moe.modeling import MODEL_TYPE as OWN_TYPE
 
-COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt",
-                "tokenizer.model")
 ALLOCATION_FILE = "allocation.json"
 
 
@@ -258,7 +256,7 @@ def upcycle(model_dir: str | Path, out_dir: str | Path, options: UpcycleOptions)
     finally:
         ckpt.close()
     _write_config(dst, dense_cfg, plan, options)
-    for name in COPIED_FILES:
+    for name in SIDE_FILES:
         if (src / name).exists():
             shutil.copy2(src / name, dst / name)
     accounting = account(dense_cfg, dense, total, active, embedding, options.seq_len)
