@@ -385,3 +385,19 @@ def test_graft_stage_from_a_run_config(pair: dict[str, Path], tmp_path: Path) ->
     assert all(torch.equal(a, b) for a, b in zip(_state(direct).values(),
                                                  _state(graft_dir).values(), strict=True))
     assert not ensure_grafted(cfg, run_dir)[1]  # skipped on rerun
+
+
+def test_graft_command_from_a_run_config_names_the_missing_stage(pair: dict[str, Path],
+                                                                 tmp_path: Path) -> None:
+    import yaml
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "run_name": "cfg", "models": {"base": str(pair["base"]), "post": str(pair["post"])},
+        "languages": {"original": ["eng_Latn"], "new": ["swh_Latn"]},
+        "storage": {"root": str(tmp_path / "runs")},
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"}}))
+    proc = _cli("graft", str(config), "--method", "param_delta")
+    assert proc.returncode == 2
+    assert "models/cpt-dense: not built yet" in proc.stderr
+    assert not (tmp_path / "runs" / "cfg" / "models" / "param_delta").exists()
