@@ -338,6 +338,11 @@ def graft_unit(unit: int, keys: list[str], inputs: GraftInputs, options: GraftOp
         try:
             for key in keys:
                 writer.add(key, compute_tensor(key, reader, method, options))
+                if source_for(key).kind == "same":
+                    # unmap what this tensor touched: mapped pages count as resident memory
+                    # until the file is closed (handles reopen lazily on the next read)
+                    for checkpoint in checkpoints.values():
+                        checkpoint.close()
             return writer.parts()
         except BaseException:
             writer.abort()
