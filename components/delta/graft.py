@@ -189,7 +189,9 @@ def _expected_shape(source: Source, dense: list[tuple[int, ...]],
 # --- one unit of work -------------------------------------------------------------------------
 
 
-BLOCK_ELEMENTS = 4 * 1024 * 1024  # fp32 working block: 16 MB, whatever the tensor's size
+# fp32 working block: 1 MB, small enough to stay in cache between the passes over it (measured:
+# about 2x faster than 16 MB blocks), and reused rather than allocated per block
+BLOCK_ELEMENTS = 256 * 1024
 
 
 class UnitReader:
@@ -256,6 +258,17 @@ def compute_tensor(key: str, reader: UnitReader, method: Method,
         views = [(target, out, scale * options.expert_scales.get(source.expert or 0, 1.0))]
     else:
         views = [(target, out, scale)]
+    buffers: list[torch.Tensor] = []
+
+    def work(index: int, shape: torch.Size) -> torch.Tensor:
+        """Reusable fp32 scratch of ``shape`` (at most one block, or one row if larger)."""
+        size = shape.numel()
+        while len(buffers) <= index:
+            buffers.append(torch.empty(0))
+        if buffers[index].numel() < size:
+            buffers[index] = torch.empty(max(size, BLOCK_ELEMENTS))
+        return buffers[index][:size].view(shape)
+
     offset = 0
     for dense_key in source.dense_keys:
         base = reader.raw("base", dense_key, keep, check=not blockwise)
@@ -269,15 +282,16 @@ def compute_tensor(key: str, reader: UnitReader, method: Method,
                 anchor = base if method.anchor == "base" else t_view[segment]
                 o_view[segment] = (anchor.float() + s * delta).to(dtype)
                 continue
-            for start, stop in _row_blocks(rows, base[0].numel()):
+            row = base[0].numel()
+            for start, stop in _row_blocks(rows, row):
                 b, p = base[start:stop], post[start:stop]
-                t = t_view[offset + start:offset + stop].to(torch.float32, copy=True)
+                t = work(0, b.shape).copy_(t_view[offset + start:offset + stop])
                 if method.anchor == "target" and s == 1.0:
                     t.sub_(b).add_(p)
                 elif method.anchor == "target":  # θ_T + s·(θ_P − θ_B), no fused multiply-add
-                    t = p.to(torch.float32, copy=True).sub_(b).mul_(s).add_(t)
+                    t = work(1, b.shape).copy_(p).sub_(b).mul_(s).add_(t)
                 else:  # θ_B + s·((θ_T − θ_B) + (θ_P − θ_B))
-                    t.sub_(b).add_(p.to(torch.float32, copy=True).sub_(b)).mul_(s).add_(b)
+                    t.sub_(b).add_(work(1, b.shape).copy_(p).sub_(b)).mul_(s).add_(b)
                 if not torch.isfinite(t.sum()):
                     _blame(key, dense_key, t_view, b, p, offset + start, offset + stop, t)
                 o_view[offset + start:offset + stop] = t
