@@ -29,6 +29,7 @@ from components.moe.checkpoint import (
     CheckpointError,
     LazyCheckpoint,
     ShardWriter,
+    all_finite,
     commit_shards,
     split_layers,
 )
@@ -332,11 +333,8 @@ def _blame(key: str, dense_key: str, target: torch.Tensor, base: torch.Tensor,
 
 
 def _finite(tensor: torch.Tensor, role: str, key: str) -> torch.Tensor:
-    """NaN/Inf check: one fp32-accumulated sum (NaN and Inf propagate through it), and the exact
-    elementwise check only when the sum is not finite (a sum can overflow on its own)."""
-    if tensor.is_floating_point() and not torch.isfinite(tensor.sum(dtype=torch.float32)):
-        if not torch.isfinite(tensor).all():
-            raise GraftError(f"{role} tensor {key} holds NaN or Inf")
+    if not all_finite(tensor):
+        raise GraftError(f"{role} tensor {key} holds NaN or Inf")
     return tensor
 
 

@@ -33,6 +33,14 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
 LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf: one fp32-accumulated sum (NaN and Inf propagate through it), and the exact
+    elementwise check only when the sum is not finite (a sum can also overflow on its own)."""
+    if not tensor.is_floating_point() or torch.isfinite(tensor.sum(dtype=torch.float32)):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
 class CheckpointError(ValueError):
     """A model directory that cannot be read or written: the message names the file or key."""
 

@@ -30,6 +30,7 @@ from components.moe.checkpoint import (
     CheckpointError,
     LazyCheckpoint,
     ShardWriter,
+    all_finite,
     split_layers,
     write_experts,
 )
@@ -222,7 +223,7 @@ def upcycle(model_dir: str | Path, out_dir: str | Path, options: UpcycleOptions)
             ffn: dict[str, torch.Tensor] = {}
             for key in keys:
                 tensor = ckpt.get(key)
-                if not torch.isfinite(tensor).all():
+                if not all_finite(tensor):
                     raise UpcycleError(f"tensor {key} holds NaN or Inf")
                 dense += tensor.numel()
                 if key == "model.embed_tokens.weight":
