@@ -325,26 +325,30 @@ def relayout(src: str | Path, dst: str | Path, layout: Layout,
                               "expert layout; expected " + ", ".join(f.moe_type for f in FAMILIES))
     blocks = 0
     writer = ShardWriter(dst, max_bytes)
-    with LazyCheckpoint(src) as ckpt:
-        for layer, keys in split_layers(ckpt.keys()):
-            experts = read_experts(ckpt, keys)
-            routed = expert_keys_of(keys)
-            for key in keys:
-                if key in routed:
-                    continue
-                if layer is not None and key.endswith(".gate.weight"):  # the router
-                    key_out = f"{family.block(layer, layout == 'fused')}.gate.weight"
-                    writer.add(key_out, ckpt.get(key))
-                else:
-                    writer.add(key, ckpt.get(key))
-            for gate, up, down in experts.values():
-                assert layer is not None
-                out_block = family.block(layer, layout == "fused")
-                for key, tensor in write_experts(out_block, gate, up, down, layout,
-                                                 family.expert_names).items():
-                    writer.add(key, tensor.clone())
-                blocks += 1
-    writer.close()
+    try:
+        with LazyCheckpoint(src) as ckpt:
+            for layer, keys in split_layers(ckpt.keys()):
+                experts = read_experts(ckpt, keys)
+                routed = expert_keys_of(keys)
+                for key in keys:
+                    if key in routed:
+                        continue
+                    if layer is not None and key.endswith(".gate.weight"):  # the router
+                        key_out = f"{family.block(layer, layout == 'fused')}.gate.weight"
+                        writer.add(key_out, ckpt.get(key))
+                    else:
+                        writer.add(key, ckpt.get(key))
+                for gate, up, down in experts.values():
+                    assert layer is not None
+                    out_block = family.block(layer, layout == "fused")
+                    for key, tensor in write_experts(out_block, gate, up, down, layout,
+                                                     family.expert_names).items():
+                        writer.add(key, tensor.clone())
+                    blocks += 1
+        writer.close()
+    except BaseException:
+        writer.abort()  # no parts, no writer thread left behind
+        raise
     for path in src.iterdir():
         if path.is_file() and not path.name.startswith("model") and path.name != "manifest.json":
             (dst / path.name).write_bytes(path.read_bytes())
