@@ -341,6 +341,12 @@ class WorldConfig(_Section):
     num_people: int = Field(160, ge=8)
     docs_per_language: int = Field(800, ge=10)
     vocab_size: int = Field(4096, ge=300)
+    base_steps: int = Field(300, ge=0, description=(
+        "pre-training steps that make the demo's base (models/base) from the world's random "
+        "model on the original languages; 0 takes the random model itself as the base"))
+    post_steps: int = Field(150, ge=1, description=(
+        "supervised fine-tuning steps that make the post-trained sibling (models/post) on the "
+        "original languages' instruction data"))
 
 
 class RunConfig(_Section):

@@ -72,7 +72,7 @@ def test_layer_similarity_measures_ffn_inputs(tmp_path: Path) -> None:
 def world_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     root = tmp_path_factory.mktemp("runs")
     raw = {"run_name": "alloc", "world": {"num_people": 16, "docs_per_language": 24,
-                                          "vocab_size": 600},
+                                          "vocab_size": 600, "base_steps": 0},
            "languages": {"original": ["eng_Latn", "deu_Latn"], "new": ["swh_Latn", "rus_Cyrl"]},
            "data": {"seq_len": 64}, "storage": {"root": str(root)},
            "upcycle": {"num_experts": 3, "top_k": 2}}

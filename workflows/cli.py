@@ -26,7 +26,6 @@ class UserError(click.ClickException):
     exit_code = 2
 
 _PENDING = {
-    "run": "the end-to-end expansion workflow",
     "data": "the data stage (read, language-tag, filter, dedup, tokenize, pack)",
     "train": "continued pre-training on Ray Train",
     "evaluate": "per-language evaluation",
@@ -403,6 +402,50 @@ def _graft_from_config(config: Path, method: str | None, overrides: tuple[str, .
     where = run_dir.stage(f"models/{name}").uri
     state = "written" if built else "already complete, skipped"
     click.echo(f"{name} {state}: {where} ({manifest.extra['graft']['tensors']} tensors)")
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors of the stages that mean bad input rather than a bug: one message, exit 2."""
+    from components.delta.graft import GraftError
+    from components.moe.families import UnsupportedArchitectureError
+    from components.moe.upcycle import UpcycleError
+
+    return (UpcycleError, UnsupportedArchitectureError, GraftError)
+
+
+@cli.command("run")
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("--from", "from_stage", default=None, metavar="STAGE",
+              help="Start at STAGE (earlier stages must be complete).")
+@click.option("--only", "only", multiple=True, metavar="STAGE",
+              help="Run only STAGE (repeatable).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key (dotted path).")
+def run_command(config: Path, from_stage: str | None, only: tuple[str, ...],
+                overrides: tuple[str, ...]) -> None:
+    """Run the whole expansion of CONFIG, resuming at the first stage that is not complete.
+
+    Stages: world, base-data, base, post (a synthetic-world run makes its own model pair), data,
+    upcycle, cpt-moe, graft, baselines, evaluate, report. Each is skipped when its manifest
+    matches; MLflow holds one parent run with a child per stage.
+    """
+    from workflows.expand import run_workflow, select_stages
+
+    if from_stage and only:
+        raise UserError("give --from or --only, not both")
+    cfg = load_config(config, overrides=_parse_overrides(overrides))
+    try:
+        select_stages(cfg, from_stage, only)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    try:
+        result = run_workflow(cfg, from_stage=from_stage, only=only)
+    except _user_errors() as err:
+        raise UserError(str(err)) from None
+    click.echo(result.summary())
 
 
 # ----------------------------------------------------------------------------- later stages

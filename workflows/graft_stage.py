@@ -32,15 +32,17 @@ def _stage_model(run_dir: RunDir, stage: str, produced_by: str) -> Path:
     return path
 
 
-def graft_inputs(cfg: RunConfig, run_dir: RunDir, method: str) -> GraftInputs:
-    """Base, post and target directories for ``method`` in this run."""
+def graft_inputs(cfg: RunConfig, run_dir: RunDir, method: str,
+                 target_stage: str | None = None) -> GraftInputs:
+    """Base, post and target directories for ``method`` in this run (``target_stage`` overrides
+    the method's usual target, e.g. the FLOPs-matched dense model)."""
     base = base_model_dir(cfg, run_dir)
     if cfg.models is not None and Path(cfg.models.post).expanduser().is_dir():
         post = Path(cfg.models.post).expanduser()
     else:
         post = _stage_model(run_dir, "models/post", "post-training the base: deltamoe train")
     moe = get_method(method).moe_target
-    stage = TARGET_STAGE["target_moe" if moe else "target_dense"]
+    stage = target_stage or TARGET_STAGE["target_moe" if moe else "target_dense"]
     target = _stage_model(run_dir, stage, "continued pre-training: deltamoe train")
     return GraftInputs(str(base), str(post), str(target))
 
@@ -56,12 +58,14 @@ def graft_options(cfg: RunConfig, method: str | None = None, workers: int | None
 
 
 def ensure_grafted(cfg: RunConfig, run_dir: RunDir, method: str | None = None,
-                   logger: RankZeroLogger | None = None) -> tuple[Manifest, bool]:
-    """Build (or skip) ``models/<method>``; returns (manifest, built)."""
+                   logger: RankZeroLogger | None = None, *, target_stage: str | None = None,
+                   name: str | None = None) -> tuple[Manifest, bool]:
+    """Build (or skip) ``models/<name or method>``; returns (manifest, built)."""
     options = graft_options(cfg, method)
-    inputs = graft_inputs(cfg, run_dir, options.method)
-    stage = run_dir.stage(f"models/{options.method}")
-    input_fps = [run_dir.stage(s).read_manifest() for s in TARGET_STAGE.values()]
+    inputs = graft_inputs(cfg, run_dir, options.method, target_stage)
+    stage = run_dir.stage(f"models/{name or options.method}")
+    targets = [target_stage] if target_stage else list(TARGET_STAGE.values())
+    input_fps = [run_dir.stage(s).read_manifest() for s in targets]
     fp = fingerprint("graft", asdict(inputs), {**asdict(options), "workers": None},
                      [m.fingerprint if m else None for m in input_fps])
     if stage.is_complete(fp):
@@ -79,5 +83,6 @@ def ensure_grafted(cfg: RunConfig, run_dir: RunDir, method: str | None = None,
         logger.log_params({"graft": {"method": result.method, "formula": result.formula}})
         logger.log_metrics({"graft/tensors": result.tensors, "graft/bytes": result.bytes,
                             "graft/units": result.units}, step=0)
-        logger.log_external_model(result.method, stage.uri, manifest, model_type="hf-causal-lm")
+        logger.log_external_model(name or result.method, stage.uri, manifest,
+                                  model_type="hf-causal-lm")
     return manifest, True

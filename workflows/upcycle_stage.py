@@ -27,12 +27,14 @@ from components.storage import Manifest, RunDir, StageDir, fingerprint
 from components.tracking import RankZeroLogger
 
 STAGE = "models/moe-init"
+BASE_STAGE = "models/base"  # a world run's pre-trained base (world.base_steps > 0)
 SIMILARITY_DOCS = 64  # held-out documents per language for LayerMoE's similarity
 
 
 def base_model_dir(cfg: RunConfig, run_dir: RunDir) -> Path:
-    """The dense base to upcycle: ``models.base`` (a local directory or a hub snapshot), or the
-    synthetic world's model."""
+    """The dense base: ``models.base`` (a local directory or a hub snapshot), or for a world run
+    the base pre-trained on the world's original languages (``models/base``), or the world's
+    random model itself when ``world.base_steps`` is 0."""
     if cfg.models is not None:
         path = Path(cfg.models.base).expanduser()
         if path.is_dir():
@@ -46,6 +48,12 @@ def base_model_dir(cfg: RunConfig, run_dir: RunDir) -> Path:
     local = run_dir.local_path
     if local is None:
         raise FileNotFoundError("a world run needs a local run directory")
+    if cfg.world is not None and cfg.world.base_steps > 0:
+        model = local / BASE_STAGE
+        if run_dir.stage(BASE_STAGE).read_manifest() is None:
+            raise FileNotFoundError(f"{model}: the world's base has not been pre-trained yet "
+                                    "(deltamoe run CONFIG --only base)")
+        return model
     model = local / "world" / "model"
     if not (model / "config.json").exists():
         raise FileNotFoundError(f"{model}: the world stage has not been built (deltamoe demo)")
@@ -135,11 +143,12 @@ def stage_fingerprint(cfg: RunConfig, base: Path) -> str:
                        stat.st_mtime_ns if stat else None)
 
 
-def ensure_upcycled(cfg: RunConfig, run_dir: RunDir,
-                    logger: RankZeroLogger | None = None) -> tuple[Manifest, bool]:
-    """Build (or skip) the run's upcycled MoE; returns (manifest, built)."""
+def ensure_upcycled(cfg: RunConfig, run_dir: RunDir, logger: RankZeroLogger | None = None,
+                    stage_name: str = STAGE) -> tuple[Manifest, bool]:
+    """Build (or skip) the run's upcycled MoE in ``stage_name`` (baselines that upcycle with
+    another allocation use their own folder); returns (manifest, built)."""
     base = base_model_dir(cfg, run_dir)
-    stage: StageDir = run_dir.stage(STAGE)
+    stage: StageDir = run_dir.stage(stage_name)
     fp = stage_fingerprint(cfg, base)
     if stage.is_complete(fp):
         manifest = stage.read_manifest()
@@ -154,12 +163,13 @@ def ensure_upcycled(cfg: RunConfig, run_dir: RunDir,
     manifest = stage.read_manifest()
     assert manifest is not None
     if logger is not None:
-        log_upcycle(logger, options, result, stage, manifest)
+        log_upcycle(logger, options, result, stage, manifest,
+                    name=stage_name.rsplit("/", 1)[-1])
     return manifest, True
 
 
 def log_upcycle(logger: RankZeroLogger, options: UpcycleOptions, result: UpcycleResult,
-                stage: StageDir, manifest: Manifest) -> None:
+                stage: StageDir, manifest: Manifest, name: str = "moe-init") -> None:
     """Accounting as metrics, the plan as params, the allocation as an artifact."""
     logger.log_params({"upcycle": {"model_type": result.model_type, "layout": result.layout,
                                    "experts_per_layer": result.experts_per_layer}})
@@ -169,4 +179,4 @@ def log_upcycle(logger: RankZeroLogger, options: UpcycleOptions, result: Upcycle
     for layer, value in enumerate(options.layer_similarity or ()):
         logger.log_metrics({"upcycle/layer_similarity": value}, step=layer)
     logger.log_dict(result.allocation, "allocation.json")
-    logger.log_external_model("moe-init", stage.uri, manifest, model_type="hf-causal-lm")
+    logger.log_external_model(name, stage.uri, manifest, model_type="hf-causal-lm")
