@@ -27,20 +27,53 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    FieldSerializationInfo,
     SecretStr,
     ValidationError,
     ValidationInfo,
+    field_serializer,
     field_validator,
     model_validator,
 )
 
 __all__ = [
+    "SECRET_KEY",
     "ConfigError",
     "RunConfig",
     "dump_config",
     "load_config",
     "parse_config",
 ]
+
+
+SECRET_KEY = re.compile(
+    r"(token|secret|passw(or)?d|api[_-]?key|access[_-]?key|private[_-]?key|credential|auth)",
+    re.IGNORECASE,
+)
+"""Key names whose values are secrets wherever they appear (storage options, env blocks)."""
+SECRET_MASK = "**********"  # what pydantic prints for a SecretStr
+
+
+def mask_secrets(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with the values of secret-looking keys masked, at any depth."""
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        if isinstance(value, dict):
+            out[key] = mask_secrets(value)
+        elif SECRET_KEY.search(str(key)) and value not in (None, ""):
+            out[key] = SECRET_MASK
+        else:
+            out[key] = value
+    return out
+
+
+class _MaskedOptions:
+    """Mixin: ``storage_options`` keep their values in Python but dump masked as JSON, so
+    credentials reach fsspec and never a fingerprint, a manifest or MLflow."""
+
+    @field_serializer("storage_options", when_used="json", check_fields=False)
+    def _mask(self, options: dict[str, Any], _info: FieldSerializationInfo) -> dict[str, Any]:
+        return mask_secrets(options)
 
 
 class ConfigError(ValueError):
@@ -114,7 +147,7 @@ class LanguagesConfig(_Section):
         return [*self.original, *self.new]
 
 
-class DataSource(_Section):
+class DataSource(_MaskedOptions, _Section):
     """One corpus. ``fineweb2``/``culturax`` know their directory layouts; jsonl/parquet don't."""
 
     name: str = Field(min_length=1)
@@ -319,7 +352,7 @@ class TrackingConfig(_Section):
     tags: dict[str, str] = Field(default_factory=dict)
 
 
-class StorageConfig(_Section):
+class StorageConfig(_MaskedOptions, _Section):
     root: str = Field("runs", description="local path or fsspec URI holding runs/<run_name>/")
     storage_options: dict[str, Any] = Field(default_factory=dict)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -25,7 +24,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.entities.logged_model_status import LoggedModelStatus
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_IS_EXTERNAL, MLFLOW_PARENT_RUN_ID
 
-from components.config import ConfigError
+from components.config import SECRET_KEY, SECRET_MASK, ConfigError
 from components.storage import Manifest, RunDir
 
 __all__ = [
@@ -39,11 +38,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 REDACTED = "***REDACTED***"
-_SECRET_KEY = re.compile(
-    r"(token|secret|passw(or)?d|api[_-]?key|access[_-]?key|private[_-]?key|credential|auth)",
-    re.IGNORECASE,
-)
-_MASKED = "**********"  # how pydantic dumps SecretStr
 _TAG_RUN = "deltamoe.run_name"
 _TAG_KIND = "deltamoe.kind"
 _TAG_STAGE = "deltamoe.stage"
@@ -60,10 +54,13 @@ def flatten_params(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         if isinstance(value, Mapping) and value:
             flat.update(flatten_params(value, path))
             continue
-        if _SECRET_KEY.search(str(key)) and value not in (None, "", {}):
+        if isinstance(value, list) and any(isinstance(v, Mapping) for v in value):
+            flat.update(flatten_params({str(i): v for i, v in enumerate(value)}, path))
+            continue
+        if SECRET_KEY.search(str(key)) and value not in (None, "", {}):
             flat[path] = REDACTED
             continue
-        if value == _MASKED:
+        if value == SECRET_MASK:
             flat[path] = REDACTED
             continue
         text = value if isinstance(value, str) else json.dumps(value, default=str)

@@ -484,6 +484,9 @@ def main() -> None:
     except (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
+    except OSError as err:  # the machine, not the input: a full disk, a lost mount
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)
     except SystemExit:
         raise
     except BaseException as err:

@@ -114,6 +114,10 @@ def check_architectures(inputs: GraftInputs, method: Method) -> None:
     dense = str(base.get("model_type"))
     target_type = str(target.get("model_type"))
     if target_type == dense:
+        if method.name == "deltamoe":
+            raise GraftError(f"target {inputs.target} is the dense {dense!r}: method deltamoe "
+                             "grafts onto the CPT-trained MoE (for a dense target use "
+                             "param_delta)")
         return
     moe_types = {family_for(dense).moe_type, "deltamoe"} if method.moe_target else set()
     if target_type not in moe_types or _dense_type(target) not in (dense, target_type):
