@@ -85,17 +85,17 @@ def test_rerun_skips_and_other_seed_differs(two_worlds: tuple[Path, Path],
         c["corpora/fineweb2/data/eng_Latn/train/000_00000.parquet"]
 
 
-def test_demo_main_job_tracks_its_stages(tmp_path: Path, monkeypatch) -> None:
+def test_workflow_tracks_its_stages_and_skips_complete_ones(tmp_path: Path) -> None:
     from workflows.demo import run_demo
 
     cfg = yaml.safe_load(DEMO_CONFIG.read_text())
-    cfg["world"].update(num_people=16, docs_per_language=24, vocab_size=600)
+    cfg["world"].update(num_people=16, docs_per_language=24, vocab_size=600, base_steps=0)
     cfg["storage"]["root"] = str(tmp_path / "runs")
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    first = run_demo(path)
+    first = run_demo(path, only=("world", "upcycle"))
     assert first.stages == {"world": "built", "upcycle": "built"}
-    second = run_demo(path)
+    second = run_demo(path, only=("world", "upcycle"))
     skipped = "skipped (manifest matches)"
     assert second.stages == {"world": skipped, "upcycle": skipped}
     assert second.parent_run_id == first.parent_run_id

@@ -59,10 +59,18 @@ class Stage:
 
 
 def _world(ctx: Context) -> str:
-    from workflows.world import ensure_world
+    from workflows.world import ensure_world, log_world
 
-    assert ctx.cfg.world is not None
-    return ctx.track("world", lambda _: ensure_world(ctx.run_dir.stage("world"), ctx.cfg.world))
+    world = ctx.cfg.world
+    assert world is not None
+    stage = ctx.run_dir.stage("world")
+
+    def build(logger: RankZeroLogger) -> tuple[Manifest, bool]:
+        manifest, built = ensure_world(stage, world)
+        log_world(logger, stage, world, manifest, built)
+        return manifest, built
+
+    return ctx.track("world", build)
 
 
 def _base_data(ctx: Context) -> str:

@@ -8,6 +8,7 @@ from typing import Any
 from components.config import WorldConfig
 from components.storage import Manifest, StageDir, fingerprint
 from components.synthetic import GENERATOR_VERSION, build_world
+from components.tracking import RankZeroLogger
 
 
 def world_fingerprint(world: WorldConfig) -> str:
@@ -33,6 +34,23 @@ def ensure_world(stage: StageDir, world: WorldConfig,
     manifest = stage.read_manifest()
     assert manifest is not None
     return manifest, True
+
+
+def log_world(logger: RankZeroLogger, stage: StageDir, world: WorldConfig, manifest: Manifest,
+              built: bool) -> None:
+    """The world's size as metrics, its settings as params, the random model as a lineage root."""
+    summary = manifest.extra.get("summary", {})
+    logger.log_params({"world": world.model_dump(mode="json")})
+    metrics = {"world/files": len(manifest.outputs), "world/bytes": manifest.total_bytes,
+               "world/model_parameters": summary.get("model_parameters", 0),
+               "world/vocab_size": summary.get("vocab_size", 0)}
+    metrics.update({f"world/documents/{tag}": n
+                    for tag, n in summary.get("documents", {}).items()})
+    logger.log_metrics(metrics, step=0)
+    logger.log_dict(summary, "world_summary.json")
+    if built:
+        logger.log_external_model("world-base-init", f"{stage.uri}/model", manifest,
+                                  model_type="hf-causal-lm")
 
 
 def _plain(obj: Any) -> Any:
