@@ -448,6 +448,50 @@ def run_command(config: Path, from_stage: str | None, only: tuple[str, ...],
     click.echo(result.summary())
 
 
+# ----------------------------------------------------------------------------- reproduce
+
+REPRODUCE_CONFIG = Path(__file__).parent / "configs" / "reproduce.yaml"
+
+
+@cli.command("reproduce")
+@click.argument("config", required=False, type=click.Path(path_type=Path))
+@click.option("--seeds", default="0,1,2", show_default=True,
+              help="Comma-separated seeds; each is a replicate of the whole pipeline.")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Also write the results page here (markdown).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key (dotted path).")
+def reproduce(config: Path | None, seeds: str, out_file: Path | None,
+              overrides: tuple[str, ...]) -> None:
+    """The paper's comparison at toy scale: every variant over several seeds, mean ± std.
+
+    CONFIG defaults to the committed reproduce config (fixed before any result was seen).
+    """
+    import shlex
+
+    from workflows.reproduce import run_reproduce
+
+    config = config or REPRODUCE_CONFIG
+    seed_list = _int_list("--seeds", seeds)
+    if not seed_list:
+        raise UserError("--seeds: give at least one seed")
+    cfg = load_config(config, overrides=_parse_overrides(overrides))
+    shown = Path(config)
+    try:
+        shown = shown.resolve().relative_to(Path.cwd())
+    except ValueError:
+        pass
+    command = shlex.join(["deltamoe", "reproduce", str(shown), "--seeds", seeds,
+                          *(a for o in overrides for a in ("--set", o)),
+                          *(["--out", str(out_file)] if out_file else [])])
+    try:
+        result = run_reproduce(cfg, seed_list, command=command, out=out_file)
+    except _user_errors() as err:
+        raise UserError(str(err)) from None
+    click.echo(result.table)
+    click.echo(f"results: {result.run_dir}/reproduce" + (f" and {out_file}" if out_file else ""))
+
+
 # ----------------------------------------------------------------------------- later stages
 
 

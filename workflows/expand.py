@@ -232,6 +232,7 @@ class WorkflowResult:
     models: dict[str, str] = field(default_factory=dict)
     table: str | None = None
     report: str | None = None
+    evaluated: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
         lines = [f"run directory: {self.run_dir}", "stages:"]
@@ -308,6 +309,7 @@ def run_workflow(cfg: RunConfig, *, from_stage: str | None = None,
     tracker.finish()
     result.models = ctx.models
     result.report = ctx.report
+    result.evaluated = dict(ctx.evaluated or {})
     if ctx.evaluated:
         from workflows.evaluate_stage import comparison_table
 

@@ -1,0 +1,290 @@
+"""The paper's comparison at toy scale: every variant, several seeds, mean ± std per language group.
+
+Each seed is one independent replicate of the whole expansion on the synthetic world: the world
+(corpora, facts, the tiny model), the base pre-training, the post-training, the continued
+pre-training and the graft all take that seed, so the error bars cover the world as well as the
+optimisation. The settings come from one config fixed before any result is seen
+(``workflows/configs/reproduce.yaml``); this module only runs it and reports what comes out.
+
+Scores are averaged over the run's original languages and over its new languages separately,
+per seed, then summarised over seeds: the paper reports these two averages side by side, since
+the claim is "better on the new languages while keeping the original ones".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from components.config import RunConfig
+from components.storage import RunDir, fingerprint
+from components.tracking import ExpansionTracker, resolve_tracking_uri
+
+log = logging.getLogger(__name__)
+
+STAGE = "reproduce"
+GROUPS = ("original", "new")
+# The order rows appear in: the model pair, the dense route, then the MoE route and its controls.
+VARIANT_ORDER = ("base", "post", "cpt_dense", "param_delta", "task_arithmetic", "ties", "dare",
+                 "flops_matched", "cpt_moe", "deltamoe", "param_matched", "layermoe")
+LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "byte_perplexity", "word_perplexity", "loss")
+
+Rows = Sequence[Mapping[str, Any]]
+Key = tuple[str, str, str]  # (task, metric, group)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One table cell: a score over seeds."""
+
+    mean: float
+    std: float
+    n: int
+
+    def text(self, digits: int = 3) -> str:
+        if math.isnan(self.mean):
+            return "—"
+        if self.n < 2:
+            return f"{self.mean:.{digits}f}"
+        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
+
+
+def seed_config(cfg: RunConfig, seed: int, tracking_uri: str | None = None) -> RunConfig:
+    """The replicate of ``cfg`` for one seed: its own run folder, the same MLflow store."""
+    update: dict[str, Any] = {
+        "run_name": f"{cfg.run_name}-seed{seed}",
+        "seed": seed,
+        "graft": cfg.graft.model_copy(update={"seed": seed}),
+    }
+    if cfg.world is not None:
+        update["world"] = cfg.world.model_copy(update={"seed": seed})
+    if tracking_uri is not None and cfg.tracking.uri is None:
+        update["tracking"] = cfg.tracking.model_copy(update={"uri": tracking_uri})
+    return cfg.model_copy(update=update)
+
+
+def language_averages(rows: Rows, original: Iterable[str],
+                      new: Iterable[str]) -> dict[Key, float]:
+    """Average each (task, metric) over the original languages and over the new ones.
+
+    Rows without a language (aggregate rows of a suite) and stderr-like metrics are left out; a
+    group with no row for a (task, metric) gets no entry rather than a made-up zero.
+    """
+    groups = {"original": set(original), "new": set(new)}
+    values: dict[Key, list[float]] = {}
+    for row in rows:
+        lang, metric = row.get("lang"), str(row.get("metric", ""))
+        if not lang or metric.endswith("_stderr") or row.get("value") is None:
+            continue
+        for group, members in groups.items():
+            if lang in members:
+                values.setdefault((str(row["task"]), metric, group), []).append(float(row["value"]))
+    return {key: sum(v) / len(v) for key, v in values.items()}
+
+
+def aggregate(per_seed: Sequence[Mapping[str, Rows]], original: Iterable[str],
+              new: Iterable[str]) -> dict[str, dict[Key, Cell]]:
+    """variant → (task, metric, group) → mean ± sample std over the seeds that have it."""
+    original, new = list(original), list(new)
+    collected: dict[str, dict[Key, list[float]]] = {}
+    for evaluated in per_seed:
+        for variant, rows in evaluated.items():
+            for key, value in language_averages(rows, original, new).items():
+                collected.setdefault(variant, {}).setdefault(key, []).append(value)
+    return {variant: {key: Cell(statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0,
+                                len(v))
+                      for key, v in cells.items()}
+            for variant, cells in collected.items()}
+
+
+def _ordered(variants: Iterable[str]) -> list[str]:
+    known = [v for v in VARIANT_ORDER if v in variants]
+    return known + sorted(v for v in variants if v not in VARIANT_ORDER)
+
+
+def _arrow(metric: str) -> str:
+    return "↓" if any(m in metric for m in LOWER_IS_BETTER) else "↑"
+
+
+def markdown_table(agg: Mapping[str, Mapping[Key, Cell]], digits: int = 3) -> str:
+    """Variants as rows; each (task, metric) as two columns, original and new languages."""
+    columns = sorted({(task, metric) for cells in agg.values() for task, metric, _ in cells})
+    header = ["variant"] + [f"{task} {metric} {_arrow(metric)} ({group})"
+                            for task, metric in columns for group in GROUPS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    missing = Cell(float("nan"), 0.0, 0)
+    for variant in _ordered(agg):
+        cells = agg[variant]
+        row = [variant] + [cells.get((task, metric, group), missing).text(digits)
+                           for task, metric in columns for group in GROUPS]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def headline(agg: Mapping[str, Mapping[Key, Cell]], *, task_contains: str = "instruct",
+             numerator: str = "deltamoe", denominator: str = "param_delta") -> tuple[str, float]:
+    """The claim in one number: the new-language score of DeltaMoE over that of ParamΔ on the
+    first higher-is-better metric of a task whose name contains ``task_contains``."""
+    for task, metric, group in sorted(agg.get(numerator, {})):
+        if group != "new" or task_contains not in task or _arrow(metric) != "↑":
+            continue
+        top = agg[numerator][(task, metric, group)].mean
+        bottom = agg.get(denominator, {}).get((task, metric, group))
+        if bottom is None:
+            break
+        ratio = top / bottom.mean if bottom.mean else float("inf")
+        return f"{task} {metric} (new languages) {numerator} / {denominator}", ratio
+    return "no comparable metric", float("nan")
+
+
+@dataclass
+class ReproduceResult:
+    run_dir: str
+    tracking_uri: str
+    seeds: list[int]
+    table: str
+    aggregate: dict[str, dict[Key, Cell]]
+    runs: dict[int, str] = field(default_factory=dict)
+    seconds: dict[int, float] = field(default_factory=dict)
+    markdown: str = ""
+
+    def missing(self, variants: Iterable[str]) -> list[str]:
+        """Variants asked for that produced no number at all."""
+        return [v for v in variants if not self.aggregate.get(v)]
+
+
+def render_markdown(cfg: RunConfig, result: ReproduceResult, command: str, reading: str) -> str:
+    """The results page: command, configuration, table, and the reading of the table."""
+    resolved = cfg.model_dump(mode="json", exclude={"tracking", "storage"})
+    total = sum(result.seconds.values())
+    name, ratio = headline(result.aggregate)
+    return "\n".join([
+        "# DeltaMoE at toy scale: every variant, mean ± std over seeds",
+        "",
+        "Reproduce with:",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        f"Seeds: {', '.join(map(str, result.seeds))} (each a replicate of the whole pipeline: "
+        f"world, base, post-training, CPT, graft). Wall time: {total / 60:.1f} min on this "
+        "machine. Scores are averaged over the original languages "
+        f"({', '.join(cfg.languages.original)}) and the new ones "
+        f"({', '.join(cfg.languages.new)}) per seed, then over seeds (± is the sample standard "
+        "deviation). ↑ higher is better, ↓ lower is better.",
+        "",
+        result.table,
+        "",
+        f"Headline: {name} = {ratio:.3f}",
+        "",
+        "## Reading",
+        "",
+        reading,
+        "",
+        "## Configuration (fixed before the results were seen)",
+        "",
+        "```yaml",
+        yaml.safe_dump(resolved, sort_keys=False).rstrip(),
+        "```",
+        "",
+    ])
+
+
+def default_reading(result: ReproduceResult) -> str:
+    """A plain statement of what the numbers say, written from them and nothing else."""
+    lines = []
+    for task, metric, group in sorted(result.aggregate.get("deltamoe", {})):
+        if group != "new":
+            continue
+        ranked = sorted(((cells[(task, metric, group)].mean, variant)
+                         for variant, cells in result.aggregate.items()
+                         if (task, metric, group) in cells and variant not in ("base", "post")),
+                        reverse=_arrow(metric) == "↑")
+        if not ranked:
+            continue
+        order = ", ".join(f"{variant} {value:.3f}" for value, variant in ranked)
+        lines.append(f"- {task} {metric}, new languages, best first: {order}.")
+        original = [(cells[(task, metric, "original")].mean, variant)
+                    for variant, cells in result.aggregate.items()
+                    if (task, metric, "original") in cells and variant in ("post", "deltamoe",
+                                                                             "param_delta")]
+        if original:
+            lines.append("  Original languages: " + ", ".join(
+                f"{variant} {value:.3f}" for value, variant in sorted(original, reverse=True))
+                + ".")
+    return "\n".join(lines) or "No variant produced comparable numbers."
+
+
+def run_reproduce(cfg: RunConfig, seeds: Sequence[int], *, command: str,
+                  out: str | Path | None = None, reading: str | None = None) -> ReproduceResult:
+    """Run the expansion once per seed, then write the table to the run, MLflow and ``out``."""
+    import time
+
+    from workflows.expand import run_workflow
+
+    if not seeds:
+        raise ValueError("give at least one seed")
+    run_dir = RunDir(cfg.storage.root, cfg.run_name, cfg.storage.storage_options)
+    tracking_uri = resolve_tracking_uri(cfg.tracking.uri, run_dir)
+    per_seed: list[dict[str, Rows]] = []
+    result = ReproduceResult(run_dir=run_dir.uri, tracking_uri=tracking_uri, seeds=list(seeds),
+                             table="", aggregate={})
+    for seed in seeds:
+        seed_cfg = seed_config(cfg, seed, tracking_uri)
+        log.info("reproduce: seed %d (%s)", seed, seed_cfg.run_name)
+        started = time.perf_counter()
+        outcome = run_workflow(seed_cfg)
+        result.seconds[seed] = time.perf_counter() - started
+        result.runs[seed] = outcome.parent_run_id
+        if not outcome.evaluated:
+            raise RuntimeError(f"seed {seed}: the workflow evaluated nothing "
+                               f"(run {seed_cfg.run_name})")
+        per_seed.append(outcome.evaluated)
+    result.aggregate = aggregate(per_seed, cfg.languages.original, cfg.languages.new)
+    result.table = markdown_table(result.aggregate)
+    result.markdown = render_markdown(cfg, result, command, reading or default_reading(result))
+    _record(cfg, run_dir, tracking_uri, result, per_seed)
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(result.markdown, encoding="utf-8")
+    return result
+
+
+def _record(cfg: RunConfig, run_dir: RunDir, tracking_uri: str, result: ReproduceResult,
+            per_seed: list[dict[str, Rows]]) -> None:
+    """The summary as a stage folder of its own and as an MLflow run beside the replicates."""
+    payload = {
+        "seeds": result.seeds,
+        "runs": {str(k): v for k, v in result.runs.items()},
+        "seconds": {str(k): round(v, 1) for k, v in result.seconds.items()},
+        "per_seed": per_seed,
+        "aggregate": {variant: [{"task": t, "metric": m, "group": g, "mean": c.mean,
+                                 "std": c.std, "n": c.n} for (t, m, g), c in sorted(cells.items())]
+                      for variant, cells in result.aggregate.items()},
+    }
+    stage = run_dir.stage(STAGE)
+    with stage.build(fingerprint(payload), config=cfg.model_dump(mode="json")) as work:
+        (work.path / "results.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
+        (work.path / "reproduce.md").write_text(result.markdown, encoding="utf-8")
+    tracker = ExpansionTracker(tracking_uri, cfg.tracking.experiment, cfg.run_name,
+                               tags={**cfg.tracking.tags, "deltamoe.reproduce": "true"})
+    with tracker.stage(STAGE) as logger:
+        metrics = {}
+        for variant, cells in result.aggregate.items():
+            for (task, metric, group), cell in cells.items():
+                base = f"reproduce/{variant}/{task}/{metric}/{group}"
+                metrics[f"{base}/mean"] = cell.mean
+                metrics[f"{base}/std"] = cell.std
+        logger.log_metrics(metrics, step=0)
+        logger.log_dict(payload["aggregate"], "reproduce/aggregate.json")
+        logger.client.log_text(logger.run_id, result.markdown, "reproduce/reproduce.md")
+    tracker.finish()
