@@ -1,0 +1,320 @@
+"""The evaluate stage of a run: every model variant on the configured suites, into ``eval/``.
+
+Each variant is evaluated into its own atomic folder ``eval-parts/<variant>/`` (rows, and for an
+MoE its expert load per language), skipped when the variant's model manifest and the evaluation
+settings are unchanged — so a rerun after a crash, or after one more baseline was built,
+evaluates only what is new. The ``eval`` stage is then assembled from the parts: one JSON per
+variant (the ``{task, lang, metric, value, stderr, n}`` rows), the comparison table, the plots
+and the routing analysis (CPT-MoE vs DeltaMoE: the drift the graft causes). MLflow gets a child
+run per variant tagged ``variant=<name>`` with metrics ``eval/<task>/<lang>/<metric>``, and the
+``evaluate`` child run holds the results table, the plots and the routing tables.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from components.config import RunConfig
+from components.evaluate.results import (
+    ResultRow,
+    comparison_rows,
+    primary_metric,
+    read_results,
+    write_results,
+)
+from components.evaluate.results import comparison_table as _table
+from components.storage import RunDir, fingerprint
+from components.tracking import ExpansionTracker
+
+__all__ = ["EVAL_STAGE", "PARTS", "comparison_table", "discover_variants", "ensure_evaluated"]
+
+log = logging.getLogger(__name__)
+
+EVAL_STAGE = "eval"
+PARTS = "eval-parts"
+EVAL_VERSION = 1
+# Variant name → folder under models/, in the order tables list them.
+RUN_VARIANTS = {
+    "base": "models/base", "post": "models/post", "cpt_dense": "models/cpt-dense",
+    "param_delta": "models/param_delta", "task_arithmetic": "models/task_arithmetic",
+    "ties": "models/ties", "dare": "models/dare", "flops_matched": "models/flops_matched",
+    "cpt_moe": "models/cpt-moe", "param_matched": "models/param_matched",
+    "layermoe": "models/layermoe", "deltamoe": "models/deltamoe",
+}
+# Intermediate folders that are not variants of their own.
+_INTERMEDIATE = ("moe-init", "cpt-moe-", "flops-matched")
+ROUTING_BEFORE_AFTER = ("cpt_moe", "deltamoe")
+ROUTING_DOCS = 32
+
+
+def _is_intermediate(name: str) -> bool:
+    return name.startswith(_INTERMEDIATE[0]) or name.startswith(_INTERMEDIATE[1]) or \
+        name == _INTERMEDIATE[2]
+
+
+def discover_variants(cfg: RunConfig, run_dir: RunDir) -> dict[str, Path]:
+    """Every model variant present in the run (or configured): name → model directory."""
+    from workflows.upcycle_stage import base_model_dir
+
+    found: dict[str, Path] = {}
+    try:
+        found["base"] = base_model_dir(cfg, run_dir)
+    except FileNotFoundError as err:
+        log.info("no base model to evaluate: %s", err)
+    if cfg.models is not None and Path(cfg.models.post).expanduser().is_dir():
+        found["post"] = Path(cfg.models.post).expanduser()
+    local = run_dir.local_path
+    models = local / "models" if local is not None else None
+    if models is not None and models.is_dir():
+        known = {folder.split("/", 1)[1]: name for name, folder in RUN_VARIANTS.items()}
+        for folder in sorted(p for p in models.iterdir() if p.is_dir()):
+            if _is_intermediate(folder.name) or ".tmp-" in folder.name:
+                continue
+            name = known.get(folder.name, folder.name.replace("-", "_"))
+            if name in found or run_dir.stage(f"models/{folder.name}").read_manifest() is None \
+                    or not (folder / "config.json").is_file():
+                continue
+            found[name] = folder
+    order = list(RUN_VARIANTS)
+    ranked = sorted(found, key=lambda n: (order.index(n) if n in order else len(order), n))
+    chosen = {n: found[n] for n in ranked}
+    wanted = cfg.evaluation.variants
+    if wanted is not None:
+        missing = [v for v in wanted if v not in chosen]
+        if missing:
+            log.warning("evaluation.variants names variants this run does not have yet: %s "
+                        "(present: %s)", ", ".join(missing), ", ".join(chosen) or "none")
+        chosen = {n: p for n, p in chosen.items() if n in wanted}
+    return chosen
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """What identifies a model's bytes: its stage manifest (or its world's), else the files'
+    names, sizes and modification times."""
+    from components.storage import Manifest
+
+    for manifest in (model_dir / "manifest.json", model_dir.parent / "manifest.json"):
+        if manifest.is_file():
+            try:
+                return Manifest.from_json(manifest.read_text()).fingerprint + \
+                    ("" if manifest.parent == model_dir else f":{model_dir.name}")
+            except (ValueError, KeyError, TypeError):
+                continue
+    files = sorted(p for p in model_dir.rglob("*") if p.is_file())
+    return fingerprint("files", [(str(p.relative_to(model_dir)), p.stat().st_size,
+                                  p.stat().st_mtime_ns) for p in files])
+
+
+def _world_eval_dir(cfg: RunConfig, run_dir: RunDir) -> Path | None:
+    local = run_dir.local_path
+    if cfg.world is not None and local is not None and (local / "world" / "eval").is_dir():
+        return local / "world" / "eval"
+    if cfg.evaluation.data_dir:
+        candidate = Path(cfg.evaluation.data_dir).expanduser() / "synthetic"
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def _options(cfg: RunConfig, run_dir: RunDir) -> Any:
+    from components.evaluate.runner import EvalOptions
+
+    ev = cfg.evaluation
+    world_eval = _world_eval_dir(cfg, run_dir)
+    return EvalOptions(
+        suites=tuple(ev.suites), batch_size=ev.batch_size, limit=ev.limit,
+        num_fewshot=ev.num_fewshot, max_gen_tokens=ev.max_gen_tokens,
+        world_eval_dir=str(world_eval) if world_eval else None, data_dir=ev.data_dir,
+        original=tuple(cfg.languages.original), seed=cfg.seed,
+        device="cuda" if cfg.resources.use_gpu else None)
+
+
+def _routing_texts(cfg: RunConfig, run_dir: RunDir, base: Path | None) -> dict[str, list[str]]:
+    """Evaluation text per run language: the world's held-out text, the perplexity suite's
+    files, or the data stage's validation split."""
+    from workflows.upcycle_stage import held_out_texts
+
+    if cfg.evaluation.data_dir and cfg.world is None:
+        folder = Path(cfg.evaluation.data_dir).expanduser() / "perplexity"
+        texts = {}
+        for lang in cfg.languages.all:
+            path = folder / f"{lang}.jsonl"
+            if path.is_file():
+                rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+                texts[lang] = [r["text"] for r in rows[:ROUTING_DOCS]]
+        if texts:
+            return texts
+    if base is None:
+        return {}
+    try:
+        return {k: v[:ROUTING_DOCS] for k, v in held_out_texts(cfg, run_dir, base).items()}
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        log.info("no evaluation text for the routing analysis: %s", err)
+        return {}
+
+
+def _evaluate_variant(name: str, model_dir: Path, cfg: RunConfig, run_dir: RunDir,
+                      options: Any, texts: Mapping[str, list[str]]) -> tuple[list[ResultRow],
+                                                                             str, bool]:
+    """Rows of one variant, from its part folder or freshly evaluated; (rows, fp, built)."""
+    from components.evaluate.routing import routing_load
+    from components.evaluate.runner import evaluate_loaded, load_for_eval
+
+    stage = run_dir.stage(f"{PARTS}/{name}")
+    settings = {**asdict(options), "languages": cfg.languages.all}
+    fp = fingerprint("evaluate", EVAL_VERSION, model_fingerprint(model_dir), settings,
+                     sorted(texts))
+    if stage.is_complete(fp):
+        return read_results(Path(stage.path) / "results.json"), fp, False
+    log.info("evaluating %s (%s)", name, model_dir)
+    model, tokenizer = load_for_eval(model_dir, options.device)
+    rows = evaluate_loaded(model, tokenizer, cfg.languages.all, options)
+    load = routing_load(model, tokenizer, texts, max_docs=ROUTING_DOCS) if texts else None
+    del model
+    with stage.build(fp, inputs={"model": str(model_dir)}, config=settings) as work:
+        write_results(work.path / "results.json", name, rows,
+                      meta={"model": str(model_dir), "fingerprint": fp})
+        if load is not None:
+            (work.path / "routing.json").write_text(json.dumps(
+                {str(layer): by for layer, by in load.items()}, indent=1) + "\n")
+        work.extra["rows"] = len(rows)
+    return rows, fp, True
+
+
+def _read_load(part: Path) -> dict[int, dict[str, list[float]]] | None:
+    path = part / "routing.json"
+    if not path.is_file():
+        return None
+    return {int(k): v for k, v in json.loads(path.read_text()).items()}
+
+
+def _assemble(cfg: RunConfig, run_dir: RunDir, evaluated: Mapping[str, list[ResultRow]],
+              loads: Mapping[str, Any], out: Path) -> dict[str, Any]:
+    """Write the eval stage's files into ``out``; returns what MLflow gets."""
+    from components.evaluate.plots import (
+        plot_drift,
+        plot_group_averages,
+        plot_language_scores,
+        plot_routing,
+    )
+    from components.evaluate.routing import routing_drift, routing_rows
+
+    original, new = cfg.languages.original, cfg.languages.new
+    for name, rows in evaluated.items():
+        write_results(out / f"{name}.json", name, rows)
+    table = comparison_table(cfg, evaluated)
+    (out / "comparison.md").write_text(table + "\n", encoding="utf-8")
+    flat = [{"variant": v, **r.to_dict()} for v, rows in evaluated.items() for r in rows]
+    (out / "results.json").write_text(json.dumps(flat, indent=1) + "\n", encoding="utf-8")
+    plots = out / "plots"
+    plots.mkdir()
+    pairs = sorted({(r.task, r.metric) for rows in evaluated.values() for r in rows
+                    if r.metric == primary_metric(r.task)})
+    for task, metric in pairs:
+        plot_language_scores(evaluated, task, metric, cfg.languages.all,
+                             plots / f"{task}.{metric}.languages.png")
+        plot_group_averages(evaluated, task, metric, original, new,
+                            plots / f"{task}.{metric}.averages.png")
+    routing: list[dict[str, Any]] = []
+    drift: dict[str, Any] = {}
+    if loads:
+        folder = out / "routing"
+        folder.mkdir()
+        for name, load in loads.items():
+            routing += routing_rows(load, name)
+            plot_routing(load, f"{name}: expert load per layer and language",
+                         folder / f"{name}.png")
+        before, after = ROUTING_BEFORE_AFTER
+        if before in loads and after in loads:
+            drift = routing_drift(loads[before], loads[after])
+            plot_drift(drift, f"routing drift {before} → {after} (total variation)",
+                       folder / "drift.png")
+        (folder / "load.json").write_text(json.dumps(routing, indent=1) + "\n")
+        (folder / "drift.json").write_text(json.dumps(
+            {str(k): v for k, v in drift.items()}, indent=1) + "\n")
+    return {"table": table, "flat": flat, "routing": routing, "drift": drift,
+            "comparison": comparison_rows(evaluated, original, new)}
+
+
+def _log_variant(tracker: ExpansionTracker, name: str, model_dir: Path, fp: str,
+                 rows: Sequence[ResultRow], load: Any) -> None:
+    from components.tracking import RankZeroLogger
+
+    run_id = tracker.stage_run_id(f"eval-{name}")
+    logger = RankZeroLogger(tracker.tracking_uri, run_id, rank=0)
+    logger.set_tags({"variant": name})
+    logger.log_params({"variant": name, "model": str(model_dir), "eval_fingerprint": fp})
+    metrics = {f"eval/{r.task}/{r.lang}/{r.metric}": r.value for r in rows}
+    if load:
+        metrics.update({f"router/load/{layer}/{e}/{lang}": share for layer, by in load.items()
+                        for lang, row in by.items() for e, share in enumerate(row)})
+    logger.log_metrics(metrics, step=0)
+    tracker.client.set_terminated(run_id, status="FINISHED")
+
+
+def ensure_evaluated(cfg: RunConfig, run_dir: RunDir, variants: Mapping[str, Path] | None = None,
+                     tracker: ExpansionTracker | None = None) -> dict[str, list[ResultRow]]:
+    """Evaluate every variant present in the run (or ``variants``) into ``eval/``; variant →
+    rows. Unchanged variants are read back, not re-evaluated."""
+    chosen = dict(variants) if variants is not None else discover_variants(cfg, run_dir)
+    if not chosen:
+        raise FileNotFoundError(f"{run_dir.uri}: no model variant to evaluate yet (models/ has "
+                                "none with a manifest, and no base model is configured)")
+    options = _options(cfg, run_dir)
+    texts = _routing_texts(cfg, run_dir, chosen.get("base"))
+    evaluated: dict[str, list[ResultRow]] = {}
+    fps: dict[str, str] = {}
+    loads: dict[str, Any] = {}
+    for name, model_dir in chosen.items():
+        rows, fp, built = _evaluate_variant(name, Path(model_dir), cfg, run_dir, options, texts)
+        evaluated[name], fps[name] = rows, fp
+        load = _read_load(Path(run_dir.stage(f"{PARTS}/{name}").path))
+        if load is not None:
+            loads[name] = load
+        if tracker is not None and built:
+            _log_variant(tracker, name, Path(model_dir), fp, rows, load)
+    stage = run_dir.stage(EVAL_STAGE)
+    stage_fp = fingerprint("eval-stage", EVAL_VERSION, fps, cfg.languages.model_dump())
+    if stage.is_complete(stage_fp):
+        return evaluated
+    with stage.build(stage_fp, inputs={"variants": {n: str(p) for n, p in chosen.items()}},
+                     config={"fingerprints": fps}) as work:
+        summary = _assemble(cfg, run_dir, evaluated, loads, work.path)
+        work.extra["variants"] = list(evaluated)
+        work.extra["comparison"] = summary["comparison"]
+    if tracker is not None:
+        _log_stage(tracker, Path(stage.path), summary)
+    return evaluated
+
+
+def _log_stage(tracker: ExpansionTracker, folder: Path, summary: Mapping[str, Any]) -> None:
+    import pandas as pd
+
+    with tracker.stage("evaluate") as logger:
+        client = tracker.client
+        client.log_table(logger.run_id, data=pd.DataFrame(summary["flat"]),
+                         artifact_file="eval/results.json")
+        if summary["routing"]:
+            client.log_table(logger.run_id, data=pd.DataFrame(summary["routing"]),
+                             artifact_file="eval/routing_load.json")
+        client.log_text(logger.run_id, summary["table"], "eval/comparison.md")
+        client.log_artifacts(logger.run_id, str(folder / "plots"), "eval/plots")
+        if (folder / "routing").is_dir():
+            client.log_artifacts(logger.run_id, str(folder / "routing"), "eval/routing")
+        metrics = {}
+        for row in summary["comparison"]:
+            for group in ("original", "new"):
+                if row[group] is not None:
+                    metrics[f"eval/{row['task']}/avg_{group}/{row['metric']}/{row['variant']}"] \
+                        = row[group]
+        logger.log_metrics(metrics, step=0)
+
+
+def comparison_table(cfg: RunConfig, evaluated: Mapping[str, Sequence[ResultRow]]) -> str:
+    """Markdown: variants × original/expanded averages of each task's main metric."""
+    return _table(evaluated, cfg.languages.original, cfg.languages.new)
