@@ -241,3 +241,48 @@ def test_rerun_reads_results_back(run: dict, monkeypatch: pytest.MonkeyPatch) ->
     assert again == run["evaluated"]
     assert (run["local"] / "eval" / "manifest.json").read_text() == manifest
     assert stage_table(run["cfg"], again).splitlines()[0].startswith("| variant |")
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def _config_file(run: dict, tmp_path: Path, **evaluation: object) -> Path:
+    import yaml
+
+    data = run["cfg"].model_dump(mode="json", exclude_none=True)
+    data["evaluation"].update(evaluation)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _invoke(args: list[str]) -> tuple[int, str]:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "workflows.cli", *args], capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).parents[1])
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_cli_evaluates_one_variant_and_keeps_the_others(run: dict, tmp_path: Path) -> None:
+    config = _config_file(run, tmp_path)
+    parts = run["local"] / "eval-parts"
+    before = {p.name: (p / "manifest.json").read_text() for p in parts.iterdir()}
+    code, out = _invoke(["evaluate", str(config), "--variant", "post"])
+    assert code == 0, out
+    assert [line.split(" | ")[0] for line in out.splitlines() if line.startswith("| ")][1:] == \
+        ["| base", "| post", "| cpt_moe", "| deltamoe"]
+    assert {p.name: (p / "manifest.json").read_text() for p in parts.iterdir()} == before
+    # the eval stage still lists every variant evaluated with these settings
+    names = sorted(p.stem for p in (run["local"] / "eval").glob("*.json")
+                   if p.stem not in ("results", "manifest"))
+    assert names == ["base", "cpt_moe", "deltamoe", "post"]
+
+
+def test_cli_names_missing_suite_data_and_exits_2(run: dict, tmp_path: Path) -> None:
+    config = _config_file(run, tmp_path, suites=["flores"])
+    code, out = _invoke(["evaluate", str(config)])
+    assert code == 2, out
+    assert "flores" in out and "data_dir" in out
+    assert "Traceback" not in out

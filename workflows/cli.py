@@ -28,7 +28,6 @@ class UserError(click.ClickException):
 _PENDING = {
     "data": "the data stage (read, language-tag, filter, dedup, tokenize, pack)",
     "train": "continued pre-training on Ray Train",
-    "evaluate": "per-language evaluation",
     "report": "the HTML report from MLflow",
     "submit": "submission to a Ray cluster",
 }
@@ -446,6 +445,59 @@ def run_command(config: Path, from_stage: str | None, only: tuple[str, ...],
     except _user_errors() as err:
         raise UserError(str(err)) from None
     click.echo(result.summary())
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+@cli.command("evaluate")
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("--data-dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Pre-staged local data for every task (<dir>/<task>/<split>.jsonl, "
+                   "flores200/devtest/<tag>.parquet, perplexity/<tag>.jsonl).")
+@click.option("--variant", "variants", multiple=True, metavar="NAME",
+              help="Evaluate only this variant (repeatable; default: every one in the run).")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="At most this many items per task and language.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key (dotted path).")
+def evaluate(config: Path, data_dir: str | None, variants: tuple[str, ...], limit: int | None,
+             overrides: tuple[str, ...]) -> None:
+    """Evaluate every model variant of CONFIG's run on its suites, per language.
+
+    Results go to runs/<run>/eval/<variant>.json, MLflow (a run per variant tagged
+    variant=NAME, tables and plots in the evaluate run); prints the comparison of original- and
+    expanded-language averages. Unchanged variants are read back, not re-evaluated.
+    """
+    from components.evaluate.suites import SuiteError
+    from components.storage import RunDir, fingerprint
+    from components.tracking import ExpansionTracker, resolve_tracking_uri
+    from workflows.evaluate_stage import comparison_table, ensure_evaluated
+
+    extra: dict[str, object] = {}
+    if data_dir:
+        extra["evaluation.data_dir"] = str(Path(data_dir).resolve())
+    if variants:
+        extra["evaluation.variants"] = list(variants)
+    if limit:
+        extra["evaluation.limit"] = limit
+    cfg = load_config(config, overrides={**_parse_overrides(overrides), **extra})
+    run_dir = RunDir(cfg.storage.root, cfg.run_name, cfg.storage.storage_options)
+    tracker = ExpansionTracker(resolve_tracking_uri(cfg.tracking.uri, run_dir),
+                               cfg.tracking.experiment, cfg.run_name, tags=cfg.tracking.tags)
+    resolved = cfg.model_dump(mode="json")
+    tracker.log_config(resolved, fingerprint(resolved))
+    try:
+        evaluated = ensure_evaluated(cfg, run_dir, tracker=tracker)
+    except SuiteError as err:
+        tracker.finish(failed=True)
+        raise UserError(str(err)) from None
+    except BaseException:
+        tracker.finish(failed=True)
+        raise
+    tracker.finish()
+    click.echo(comparison_table(cfg, evaluated))
+    click.echo(f"results: {run_dir.stage('eval').uri}")
 
 
 # ----------------------------------------------------------------------------- reproduce

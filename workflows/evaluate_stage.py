@@ -158,6 +158,22 @@ def _routing_texts(cfg: RunConfig, run_dir: RunDir, base: Path | None) -> dict[s
         return {}
 
 
+def _part_fingerprint(model_dir: Path, cfg: RunConfig, options: Any,
+                      texts: Mapping[str, list[str]]) -> tuple[str, dict[str, Any]]:
+    settings = {**asdict(options), "languages": cfg.languages.all}
+    return fingerprint("evaluate", EVAL_VERSION, model_fingerprint(model_dir), settings,
+                       sorted(texts)), settings
+
+
+def _base_or_none(cfg: RunConfig, run_dir: RunDir) -> Path | None:
+    from workflows.upcycle_stage import base_model_dir
+
+    try:
+        return base_model_dir(cfg, run_dir)
+    except FileNotFoundError:
+        return None
+
+
 def _evaluate_variant(name: str, model_dir: Path, cfg: RunConfig, run_dir: RunDir,
                       options: Any, texts: Mapping[str, list[str]]) -> tuple[list[ResultRow],
                                                                              str, bool]:
@@ -166,9 +182,7 @@ def _evaluate_variant(name: str, model_dir: Path, cfg: RunConfig, run_dir: RunDi
     from components.evaluate.runner import evaluate_loaded, load_for_eval
 
     stage = run_dir.stage(f"{PARTS}/{name}")
-    settings = {**asdict(options), "languages": cfg.languages.all}
-    fp = fingerprint("evaluate", EVAL_VERSION, model_fingerprint(model_dir), settings,
-                     sorted(texts))
+    fp, settings = _part_fingerprint(model_dir, cfg, options, texts)
     if stage.is_complete(fp):
         return read_results(Path(stage.path) / "results.json"), fp, False
     log.info("evaluating %s (%s)", name, model_dir)
@@ -261,12 +275,17 @@ def ensure_evaluated(cfg: RunConfig, run_dir: RunDir, variants: Mapping[str, Pat
                      tracker: ExpansionTracker | None = None) -> dict[str, list[ResultRow]]:
     """Evaluate every variant present in the run (or ``variants``) into ``eval/``; variant →
     rows. Unchanged variants are read back, not re-evaluated."""
+    from components.evaluate.suites import build_suite_tasks
+
     chosen = dict(variants) if variants is not None else discover_variants(cfg, run_dir)
     if not chosen:
         raise FileNotFoundError(f"{run_dir.uri}: no model variant to evaluate yet (models/ has "
                                 "none with a manifest, and no base model is configured)")
     options = _options(cfg, run_dir)
-    texts = _routing_texts(cfg, run_dir, chosen.get("base"))
+    # every suite's data is checked before the first model is loaded
+    build_suite_tasks(options.suites, cfg.languages.all, world_eval_dir=options.world_eval_dir,
+                      data_dir=options.data_dir, original=list(options.original))
+    texts = _routing_texts(cfg, run_dir, _base_or_none(cfg, run_dir))
     evaluated: dict[str, list[ResultRow]] = {}
     fps: dict[str, str] = {}
     loads: dict[str, Any] = {}
@@ -278,6 +297,24 @@ def ensure_evaluated(cfg: RunConfig, run_dir: RunDir, variants: Mapping[str, Pat
             loads[name] = load
         if tracker is not None and built:
             _log_variant(tracker, name, Path(model_dir), fp, rows, load)
+    # the eval stage shows every variant of the run already evaluated with these settings, not
+    # only the ones asked for this time (``--variant post`` must not drop the others)
+    if variants is None and cfg.evaluation.variants is not None:
+        unfiltered = cfg.evaluation.model_copy(update={"variants": None})
+        everything = discover_variants(cfg.model_copy(update={"evaluation": unfiltered}), run_dir)
+        for name, model_dir in everything.items():
+            if name in evaluated:
+                continue
+            fp, _ = _part_fingerprint(Path(model_dir), cfg, options, texts)
+            part = run_dir.stage(f"{PARTS}/{name}")
+            if part.is_complete(fp):
+                evaluated[name] = read_results(Path(part.path) / "results.json")
+                fps[name] = fp
+                load = _read_load(Path(part.path))
+                if load is not None:
+                    loads[name] = load
+        order = list(everything)
+        evaluated = {n: evaluated[n] for n in sorted(evaluated, key=order.index)}
     stage = run_dir.stage(EVAL_STAGE)
     stage_fp = fingerprint("eval-stage", EVAL_VERSION, fps, cfg.languages.model_dump())
     if stage.is_complete(stage_fp):
