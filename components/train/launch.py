@@ -1,0 +1,184 @@
+"""Run the per-worker loop (Ray Train ``TorchTrainer`` or inline) and export the result.
+
+The driver scans the parquet (languages, sequence length), skips training when the newest
+complete checkpoint already holds every planned step, launches the loop otherwise, follows
+rank 0's ``progress.json`` with a progress bar, and finally converts the newest checkpoint into a
+HF model directory. Checkpoints of both launchers are ``<checkpoint_root>/<run_name>/
+checkpoint_<step>``, so a rerun with the same pair resumes whichever launcher wrote them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from tqdm import tqdm
+
+from components.train.checkpoint import export_hf, is_complete, read_state
+from components.train.data import columns_of, scan
+from components.train.session import (
+    CHECKPOINT_PREFIX,
+    STARTS,
+    InlineSession,
+    read_progress,
+)
+from components.train.spec import TrainError, TrainResult, TrainSpec
+
+log = logging.getLogger(__name__)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder of a run (either launcher's), or None."""
+    if not run_dir.is_dir():
+        return None
+    found = sorted(p for p in run_dir.iterdir()
+                   if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and is_complete(p))
+    return found[-1] if found else None
+
+
+def run(spec: TrainSpec) -> TrainResult:
+    """Train (or resume) and export ``spec.out_dir``; returns what happened."""
+    if not (Path(spec.init_dir) / "config.json").exists():
+        raise TrainError(f"{spec.init_dir}: no config.json (not a model directory)")
+    languages, _, seq_len = scan(spec.train_paths)
+    if spec.validation_paths:
+        languages = sorted(set(languages) | set(scan(spec.validation_paths)[0]))
+    run_dir = Path(spec.checkpoint_root) / spec.run_name
+    total = spec.total_steps(seq_len) + spec.review_steps()
+    started = time.perf_counter()
+    starts_before = len(_starts(run_dir))
+    latest = latest_checkpoint(run_dir)
+    if latest is None or read_state(latest)["step"] < total:
+        launch = _inline if spec.resources.launcher == "inline" else _ray
+        launch(spec, languages, seq_len, run_dir, total)
+        latest = latest_checkpoint(run_dir)
+    if latest is None:
+        raise TrainError(f"{run_dir}: training finished without a checkpoint")
+    state = read_state(latest)
+    if state["step"] < total:
+        raise TrainError(f"{latest}: the newest checkpoint holds step {state['step']} of {total}")
+    starts = _starts(run_dir)[starts_before:]
+    card = _card(spec, state)
+    export_hf(latest, spec.init_dir, spec.out_dir, card=card)
+    metrics = {k: float(v) for k, v in {**state.get("initial", {}),
+                                          **state.get("final", {})}.items()}
+    return TrainResult(out_dir=spec.out_dir, steps=int(state["step"]),
+                       tokens=int(state["tokens"]), seconds=time.perf_counter() - started,
+                       metrics=metrics, checkpoint=str(latest),
+                       resumed_from=starts[0]["resumed_from"] if starts else None,
+                       attempts=len(starts), counts=state.get("counts", {}))
+
+
+def _starts(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / STARTS
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class _Progress:
+    """A driver-side progress bar following rank 0's progress file."""
+
+    def __init__(self, run_dir: Path, total: int, name: str) -> None:
+        self.run_dir, self.total = run_dir, total
+        self.bar = tqdm(total=total, desc=f"train {name}", unit="step")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+
+    def _follow(self) -> None:
+        while not self._stop.wait(0.5):
+            self.update()
+
+    def update(self) -> None:
+        progress = read_progress(self.run_dir)
+        if progress:
+            self.bar.n = min(self.total, int(progress.get("step", 0)))
+            if progress.get("loss") is not None:
+                self.bar.set_postfix(loss=f"{progress['loss']:.3f}", refresh=False)
+            self.bar.refresh()
+
+    def __enter__(self) -> _Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.update()
+        self.bar.close()
+
+
+def _inline(spec: TrainSpec, languages: list[str], seq_len: int, run_dir: Path,
+            total: int) -> None:
+    """The loop in this process as a one-rank group (gloo on CPU, NCCL on GPU)."""
+    from components.train.loop import Worker
+
+    owns_group = not dist.is_initialized()
+    if owns_group:
+        store = tempfile.NamedTemporaryFile(prefix="deltamoe-pg-", delete=False)
+        store.close()
+        dist.init_process_group(spec.resources.resolved_backend(),
+                                init_method=f"file://{store.name}", rank=0, world_size=1)
+    try:
+        session = InlineSession(run_dir, spec.train.keep_checkpoints, spec.train_paths, spec.seed)
+        with _Progress(run_dir, total, spec.run_name):
+            Worker(spec, session, languages, seq_len).run()
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+            Path(store.name).unlink(missing_ok=True)
+
+
+def _ray(spec: TrainSpec, languages: list[str], seq_len: int, run_dir: Path,
+         total: int) -> None:
+    """``TorchTrainer`` over ``num_workers`` workers; Ray Data streams each worker's shard."""
+    import ray
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from components.train.loop import train_loop_per_worker
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+    res = spec.resources
+    per_worker: dict[str, float] = {"CPU": res.cpus_per_worker}
+    if res.use_gpu:
+        per_worker["GPU"] = res.gpus_per_worker
+    dataset = ray.data.read_parquet(spec.train_paths, columns=columns_of(spec.train_paths),
+                                    shuffle="files")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec, "languages": languages, "seq_len": seq_len,
+                           "run_dir": str(run_dir)},
+        scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
+                                     resources_per_worker=per_worker),
+        run_config=RunConfig(
+            name=spec.run_name, storage_path=str(Path(spec.checkpoint_root).resolve()),
+            failure_config=FailureConfig(max_failures=spec.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints)),
+        torch_config=TorchConfig(backend=res.resolved_backend()),
+        datasets={"train": dataset},
+    )
+    with _Progress(run_dir, total, spec.run_name):
+        result = trainer.fit()
+    if result.error is not None:
+        raise TrainError(f"training {spec.run_name} failed: {result.error}")
+
+
+def _card(spec: TrainSpec, state: dict[str, Any]) -> str:
+    lines = [f"# {Path(spec.out_dir).name}", "",
+             f"Trained by deltamoe ({spec.mode}) from `{spec.init_dir}`.", "",
+             f"- steps: {state['step']}", f"- tokens: {state['tokens']}",
+             f"- data: {', '.join(spec.train_paths)}"]
+    final = state.get("final", {})
+    if final:
+        lines.append("- validation loss: " + ", ".join(f"{k} {v:.4f}" for k, v in
+                                                       sorted(final.items())))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,147 @@
+"""Where the per-worker loop gets its rank, data, checkpoints and reports: Ray Train or inline.
+
+The loop never calls Ray directly, so the same function runs in a Ray Train worker
+(:class:`RaySession`: ``get_dataset_shard``, ``get_checkpoint``, ``report(checkpoint=...)``) and
+in the driver process (:class:`InlineSession`: pyarrow batches, checkpoint folders under
+``<checkpoint_root>/<run_name>/`` with the same keep-last-M rule, resume from the newest
+complete one). Rank 0 also writes ``progress.json`` beside the checkpoints, which the driver's
+progress bar follows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+from components.storage import atomic_write_bytes
+from components.train.checkpoint import is_complete
+from components.train.data import Batch, local_batches, ray_batches
+
+PROGRESS = "progress.json"
+STARTS = "starts.jsonl"
+CHECKPOINT_PREFIX = "checkpoint_"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def write_progress(run_dir: str | Path, data: dict[str, Any]) -> None:
+    from fsspec.implementations.local import LocalFileSystem
+
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(LocalFileSystem(), str(Path(run_dir) / PROGRESS),
+                       json.dumps(data).encode())
+
+
+def read_progress(run_dir: str | Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((Path(run_dir) / PROGRESS).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def record_start(run_dir: str | Path, resumed_from: int | None, world_size: int) -> None:
+    """Rank 0 notes each start of the loop (a restart after a failure is a new start)."""
+    path = Path(run_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / STARTS, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"resumed_from": resumed_from, "world_size": world_size,
+                                 "time": time.time()}) + "\n")
+
+
+class InlineSession:
+    """One rank in the driver process; checkpoints as folders, newest complete one resumes."""
+
+    def __init__(self, run_dir: str | Path, keep: int, train_paths: Sequence[str],
+                 seed: int) -> None:
+        self.run_dir = Path(run_dir)
+        self.keep = keep
+        self.train_paths = list(train_paths)
+        self.seed = seed
+        self.rank, self.world_size, self.attempt = 0, 1, 1
+
+    def batches(self, batch_size: int, languages: Sequence[str]) -> Iterator[Batch]:
+        return local_batches(self.train_paths, batch_size, languages, self.seed)
+
+    def checkpoints(self) -> list[Path]:
+        if not self.run_dir.exists():
+            return []
+        return sorted(p for p in self.run_dir.iterdir()
+                      if p.name.startswith(CHECKPOINT_PREFIX) and is_complete(p))
+
+    def restore(self) -> AbstractContextManager[Path | None]:
+        found = self.checkpoints()
+        return nullcontext(found[-1] if found else None)
+
+    def report(self, step: int, metrics: dict[str, float],
+               write: Callable[[Path], None] | None) -> None:
+        if write is None:
+            return
+        final = self.run_dir / checkpoint_name(step)
+        tmp = self.run_dir / f".tmp-{final.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        write(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in self.checkpoints()[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def progress(self, data: dict[str, Any]) -> None:
+        write_progress(self.run_dir, data)
+
+
+class RaySession:
+    """Inside a Ray Train V2 worker."""
+
+    def __init__(self, run_dir: str) -> None:
+        import ray.train
+
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.run_dir = Path(run_dir)
+        self.attempt = 1
+
+    def batches(self, batch_size: int, languages: Sequence[str]) -> Iterator[Batch]:
+        import ray.train
+
+        return ray_batches(ray.train.get_dataset_shard("train"), batch_size, languages)
+
+    @contextmanager
+    def _restore(self) -> Iterator[Path | None]:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as path:
+            yield Path(path)
+
+    def restore(self) -> AbstractContextManager[Path | None]:
+        return self._restore()
+
+    def report(self, step: int, metrics: dict[str, float],
+               write: Callable[[Path], None] | None) -> None:
+        import ray.train
+        from ray.train import Checkpoint
+
+        if write is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="deltamoe-ckpt-") as tmp:
+            write(Path(tmp))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=checkpoint_name(step))
+
+    def progress(self, data: dict[str, Any]) -> None:
+        if self.rank == 0:
+            write_progress(self.run_dir, data)

@@ -1,0 +1,200 @@
+"""The training stages of a run: CPT of the MoE and of the dense baselines, and the world's pair.
+
+``ensure_trained(cfg, run_dir, variant)`` trains one variant into ``models/<variant>``:
+
+* ``cpt-moe`` — the upcycled MoE (``models/moe-init``) on the data stage's parquet;
+  ``cpt-moe-<v>`` the same from ``models/moe-init-<v>`` (a baseline's own upcycle);
+* ``cpt-dense`` — the dense base on the same data, everything trainable (the ParamΔ baseline);
+* ``flops-matched`` — the same with the token budget scaled by the MoE's active-FLOPs ratio
+  (``extra.upcycle.active_ratio`` of the moe-init manifest).
+
+``ensure_base`` pre-trains the world's random model on the ``base-data`` stage into
+``models/base``; ``ensure_post`` fine-tunes the base on the world's instruction data of the
+original languages into ``models/post`` (SFT rows built into ``sft-data``). Every one is
+skipped when its manifest fingerprint matches; checkpoints live in ``checkpoints/<variant>/
+<fingerprint>``, so a killed run resumes on the next call and a changed config starts afresh.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from components.config import RunConfig
+from components.storage import Manifest, RunDir, StageDir, fingerprint
+from components.tracking import RankZeroLogger
+from components.train import Resources, TrainResult, TrainSpec, train_model
+from components.train.spec import Mode, TrainError
+
+log = logging.getLogger(__name__)
+
+MOE_VARIANTS = ("cpt-moe",)
+DENSE_VARIANTS = ("cpt-dense", "flops-matched")
+WORLD_MODEL = "world/model"
+
+
+def resources(cfg: RunConfig) -> Resources:
+    r = cfg.resources
+    return Resources(num_workers=r.num_workers, use_gpu=r.use_gpu,
+                     cpus_per_worker=r.cpus_per_worker, gpus_per_worker=r.gpus_per_worker,
+                     backend=r.backend, launcher=r.launcher)
+
+
+def _local(run_dir: RunDir) -> Path:
+    local = run_dir.local_path
+    if local is None:
+        raise TrainError(f"{run_dir.uri}: training needs a local (or mounted) run directory for "
+                         "its checkpoints and data")
+    return local
+
+
+def _parquet(stage: StageDir, what: str) -> tuple[list[str], list[str], str]:
+    """Train and validation parquet files of a data stage, and its manifest fingerprint."""
+    manifest = stage.read_manifest()
+    if manifest is None:
+        raise FileNotFoundError(f"{stage.uri}: the {what} stage has not been built yet")
+    root = Path(stage.path)
+    train = sorted(str(p) for p in (root / "train").glob("*.parquet"))
+    validation = sorted(str(p) for p in (root / "validation").glob("*.parquet"))
+    if not train:
+        raise FileNotFoundError(f"{root / 'train'}: no parquet files")
+    return train, validation, manifest.fingerprint
+
+
+def _model_identity(path: Path) -> Any:
+    manifest = StageDir(str(path)).read_manifest()
+    if manifest is not None:
+        return manifest.fingerprint
+    index = path / "model.safetensors.index.json"
+    index = index if index.exists() else path / "model.safetensors"
+    stat = index.stat() if index.exists() else None
+    return [str(path.resolve()), stat.st_size if stat else None,
+            stat.st_mtime_ns if stat else None]
+
+
+def _train(cfg: RunConfig, run_dir: RunDir, name: str, init: Path, data: tuple[list[str],
+           list[str], str], mode: Mode, logger: RankZeroLogger | None, *,
+           steps: int | None = None, tokens: int | None = None,
+           extra: dict[str, Any] | None = None) -> tuple[Manifest, bool]:
+    """Train ``init`` into ``models/<name>`` (skipped when the manifest matches)."""
+    local = _local(run_dir)
+    train_paths, validation_paths, data_fp = data
+    res = resources(cfg)
+    freeze = cfg.upcycle.freeze
+    fp = fingerprint("train", name, mode, cfg.train.model_dump(mode="json"), res.world_size,
+                     cfg.seed, steps, tokens, _model_identity(init), data_fp,
+                     freeze.model_dump(mode="json") if mode == "cpt_moe" else None)
+    stage = run_dir.stage(f"models/{name}")
+    if stage.is_complete(fp):
+        manifest = stage.read_manifest()
+        assert manifest is not None
+        return manifest, False
+    with stage.build(fp, inputs={"init": str(init), "train": train_paths,
+                                 "validation": validation_paths},
+                     config={"train": cfg.train.model_dump(mode="json"), "mode": mode,
+                             "steps": steps, "tokens": tokens}) as work:
+        spec = TrainSpec(
+            init_dir=str(init), out_dir=str(work.path), train_paths=train_paths,
+            validation_paths=validation_paths, mode=mode, train=cfg.train,
+            checkpoint_root=str(local / "checkpoints" / name), run_name=fp[:16],
+            resources=res, tracking_uri=logger.tracking_uri if logger else None,
+            mlflow_run_id=logger.run_id if logger else None, steps=steps, tokens=tokens,
+            seed=cfg.seed, freeze_anchor=freeze.anchor_expert, freeze_shared=freeze.shared)
+        result: TrainResult = train_model(spec)
+        work.extra["train"] = {"steps": result.steps, "tokens": result.tokens,
+                               "seconds": round(result.seconds, 2), "metrics": result.metrics,
+                               "attempts": result.attempts, "resumed_from": result.resumed_from,
+                               "counts": result.counts, **(extra or {})}
+    manifest = stage.read_manifest()
+    assert manifest is not None
+    if logger is not None:
+        logger.log_external_model(name, stage.uri, manifest, model_type="hf-causal-lm")
+    return manifest, True
+
+
+def ensure_trained(cfg: RunConfig, run_dir: RunDir, variant: str,
+                   logger: RankZeroLogger | None = None) -> tuple[Manifest, bool]:
+    """Train (or skip) ``variant``: cpt-moe, cpt-moe-<v>, cpt-dense or flops-matched."""
+    from workflows.upcycle_stage import STAGE as MOE_INIT
+    from workflows.upcycle_stage import base_model_dir
+
+    local = _local(run_dir)
+    data = _parquet(run_dir.stage("data"), "data")
+    if variant == "cpt-moe" or variant.startswith("cpt-moe-"):
+        suffix = variant.removeprefix("cpt-moe")
+        init = local / f"{MOE_INIT}{suffix}"
+        if run_dir.stage(f"{MOE_INIT}{suffix}").read_manifest() is None:
+            raise FileNotFoundError(f"{init}: the upcycled model has not been built yet "
+                                    "(deltamoe upcycle CONFIG)")
+        return _train(cfg, run_dir, variant, init, data, "cpt_moe", logger)
+    if variant == "cpt-dense":
+        return _train(cfg, run_dir, variant, base_model_dir(cfg, run_dir), data, "dense", logger)
+    if variant == "flops-matched":
+        upcycled = run_dir.stage(MOE_INIT).read_manifest()
+        if upcycled is None or "upcycle" not in upcycled.extra:
+            raise FileNotFoundError(f"{local / MOE_INIT}: the FLOPs-matched baseline needs the "
+                                    "upcycle stage's accounting (active_ratio)")
+        ratio = float(upcycled.extra["upcycle"]["active_ratio"])
+        seq_len = _seq_len(data[0])
+        tokens = int(cfg.train.steps * cfg.train.micro_batch_size * cfg.train.grad_accum
+                     * resources(cfg).world_size * seq_len * ratio)
+        return _train(cfg, run_dir, variant, base_model_dir(cfg, run_dir), data, "dense",
+                      logger, tokens=tokens, extra={"active_ratio": ratio})
+    raise ValueError(f"unknown training variant {variant!r}; expected cpt-moe, cpt-moe-<name>, "
+                     "cpt-dense or flops-matched")
+
+
+def _seq_len(paths: list[str]) -> int:
+    from components.train.data import scan
+
+    return scan(paths)[2]
+
+
+def ensure_base(cfg: RunConfig, run_dir: RunDir,
+                logger: RankZeroLogger | None = None) -> tuple[Manifest, bool]:
+    """Pre-train the world's random model on the base-data stage into ``models/base``."""
+    if cfg.world is None or cfg.world.base_steps <= 0:
+        raise ValueError("ensure_base needs a world section with base_steps > 0")
+    init = _local(run_dir) / WORLD_MODEL
+    if not (init / "config.json").exists():
+        raise FileNotFoundError(f"{init}: the world stage has not been built (deltamoe demo)")
+    data = _parquet(run_dir.stage("base-data"), "base-data")
+    return _train(cfg, run_dir, "base", init, data, "pretrain", logger,
+                  steps=cfg.world.base_steps)
+
+
+def ensure_sft_data(cfg: RunConfig, run_dir: RunDir, base: Path) -> tuple[list[str], list[str],
+                                                                           str]:
+    """SFT rows from the world's instructions of the original languages, in ``sft-data``."""
+    from transformers import AutoTokenizer
+
+    from components.train.sft import build_sft_parquet
+
+    world = _local(run_dir) / "world"
+    files = [world / "instructions" / tag / "train.jsonl" for tag in cfg.languages.original]
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise FileNotFoundError(f"no instruction data: {', '.join(missing)}")
+    stage = run_dir.stage("sft-data")
+    fp = fingerprint("sft-data", [str(f) for f in files], [f.stat().st_size for f in files],
+                     cfg.data.seq_len, _model_identity(base))
+    if not stage.is_complete(fp):
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        with stage.build(fp, inputs={"instructions": [str(f) for f in files]}) as work:
+            work.extra["rows"] = build_sft_parquet(tokenizer, files, work.path, cfg.data.seq_len)
+    return _parquet(stage, "sft-data")
+
+
+def ensure_post(cfg: RunConfig, run_dir: RunDir,
+                logger: RankZeroLogger | None = None) -> tuple[Manifest, bool]:
+    """Supervised fine-tuning of the base on the original languages' instructions into
+    ``models/post`` (loss on response tokens only)."""
+    from workflows.upcycle_stage import base_model_dir
+
+    if cfg.world is None:
+        raise ValueError("ensure_post makes the synthetic world's post-trained model; this run "
+                         "has no world section (its post model is models.post)")
+    base = base_model_dir(cfg, run_dir)
+    data = ensure_sft_data(cfg, run_dir, base)
+    return _train(cfg, run_dir, "post", base, data, "sft", logger, steps=cfg.world.post_steps)
