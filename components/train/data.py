@@ -36,7 +36,8 @@ class Batch:
 
     @property
     def tokens(self) -> int:
-        return int((self.labels != IGNORE).sum())
+        """Input tokens (what throughput and token budgets count), padding rows excluded."""
+        return int((self.weight > 0).sum()) * self.input_ids.shape[1]
 
 
 def _stack(column: np.ndarray) -> np.ndarray:

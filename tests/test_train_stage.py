@@ -1,0 +1,104 @@
+"""The train stage on the inline launcher: the world's base pre-training, its SFT sibling, the
+MoE's CPT and the dense baselines, each skipped on a rerun; SFT labels; the LR schedule."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from train_fixtures import NEW, ORIGINAL, build_world, pack
+
+from components.config import parse_config
+from components.moe.checkpoint import LazyCheckpoint
+from components.storage import RunDir
+from components.train.data import IGNORE
+from components.train.schedule import lr_factor
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor() -> None:
+    factors = [lr_factor(s, 20, 4, 0.1) for s in range(20)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert factors[4] == pytest.approx(1.0)
+    assert factors[-1] == pytest.approx(0.1)
+    decay = factors[4:]
+    assert all(decay[i] >= decay[i + 1] for i in range(len(decay) - 1))
+
+
+def _config(tmp: Path) -> object:
+    return parse_config({
+        "run_name": "t", "seed": 0,
+        "world": {"seed": 0, "num_people": 24, "docs_per_language": 60, "vocab_size": 600,
+                  "base_steps": 4, "post_steps": 3},
+        "languages": {"original": ORIGINAL, "new": NEW},
+        "data": {"seq_len": 64},
+        "upcycle": {"num_experts": 4, "top_k": 2},
+        "train": {"steps": 4, "micro_batch_size": 4, "warmup_steps": 1, "precision": "fp32",
+                  "checkpoint_every": 2, "log_every": 2, "lr": 1e-3},
+        "storage": {"root": str(tmp / "runs")},
+        "resources": {"launcher": "inline", "num_workers": 1},
+    })
+
+
+def _data_stage(run_dir: RunDir, name: str, world: Path, languages: list[str]) -> None:
+    stage = run_dir.stage(name)
+    with stage.build("test-data-" + name) as work:
+        pack(world, languages, work.path, rows_per_lang=16)
+
+
+def test_world_pair_and_cpt_variants_inline(tmp_path: Path) -> None:
+    from workflows.train_stage import ensure_base, ensure_post, ensure_trained
+    from workflows.upcycle_stage import ensure_upcycled
+
+    cfg = _config(tmp_path)
+    run_dir = RunDir(cfg.storage.root, cfg.run_name)
+    local = run_dir.local_path
+    world = build_world(tmp_path)
+    (local / "world").symlink_to(world, target_is_directory=True)
+    _data_stage(run_dir, "base-data", world, ORIGINAL)
+
+    base, built = ensure_base(cfg, run_dir)
+    assert built and base.extra["train"]["steps"] == 4
+    assert base.extra["train"]["tokens"] == 4 * 4 * 64  # steps × micro batch × seq_len
+    with LazyCheckpoint(world / "model") as a, LazyCheckpoint(local / "models/base") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        assert all(not torch.equal(a.get(k), b.get(k)) for k in a.keys()
+                   if k.endswith("q_proj.weight"))  # pre-training changed the model
+    assert ensure_base(cfg, run_dir)[1] is False  # manifest matches: skipped
+
+    post, built = ensure_post(cfg, run_dir)
+    assert built and post.extra["train"]["steps"] == 3
+    sft = pq.read_table(local / "sft-data/train/part-0.parquet").to_pydict()
+    assert set(sft["lang"]) == set(ORIGINAL)
+    ids, labels = sft["input_ids"][0], sft["labels"][0]
+    assert len(ids) == len(labels) == 64
+    assert IGNORE in labels and any(label != IGNORE for label in labels)
+    kept = [i for i, label in zip(ids, labels, strict=True) if label != IGNORE]
+    assert kept == [label for label in labels if label != IGNORE]  # labels are the tokens
+
+    _data_stage(run_dir, "data", world, [*ORIGINAL, *NEW])
+    ensure_upcycled(cfg, run_dir)
+    moe, built = ensure_trained(cfg, run_dir, "cpt-moe")
+    assert built and moe.extra["train"]["counts"]["frozen"] > 0
+    out = local / "models/cpt-moe"
+    assert json.loads((out / "allocation.json").read_text()) == json.loads(
+        (local / "models/moe-init/allocation.json").read_text())
+    with LazyCheckpoint(local / "models/moe-init") as a, LazyCheckpoint(out) as b:
+        assert sorted(a.keys()) == sorted(b.keys())  # same (per-expert) layout as upcycle
+        for key in a.keys():
+            frozen = ".experts.0." in key or not (".experts." in key or ".gate." in key)
+            assert torch.equal(a.get(key), b.get(key)) == frozen, key
+    dense, built = ensure_trained(cfg, run_dir, "cpt-dense")
+    assert built and dense.extra["train"]["counts"]["frozen"] == 0
+    assert ensure_trained(cfg, run_dir, "cpt-moe")[1] is False
+
+    from transformers import AutoModelForCausalLM
+
+    import components.moe  # noqa: F401
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == "MixtralForCausalLM"
+    with pytest.raises(ValueError, match="unknown training variant"):
+        ensure_trained(cfg, run_dir, "nope")
