@@ -71,7 +71,7 @@ def run(spec: TrainSpec) -> TrainResult:
     return TrainResult(out_dir=spec.out_dir, steps=int(state["step"]),
                        tokens=int(state["tokens"]), seconds=time.perf_counter() - started,
                        metrics=metrics, checkpoint=str(latest),
-                       resumed_from=starts[0]["resumed_from"] if starts else None,
+                       resumed_from=starts[-1]["resumed_from"] if starts else None,
                        attempts=len(starts), counts=state.get("counts", {}))
 
 
@@ -166,10 +166,14 @@ def _ray(spec: TrainSpec, languages: list[str], seq_len: int, run_dir: Path,
         torch_config=TorchConfig(backend=res.resolved_backend()),
         datasets={"train": dataset},
     )
-    with _Progress(run_dir, total, spec.run_name):
-        result = trainer.fit()
-    if result.error is not None:
-        raise TrainError(f"training {spec.run_name} failed: {result.error}")
+    try:
+        with _Progress(run_dir, total, spec.run_name):
+            trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise TrainError(f"training {spec.run_name} failed after {spec.train.max_failures} "
+                         f"restart(s) ({lines[-1] if lines else type(err).__name__}); running "
+                         "it again resumes from its last checkpoint") from err
 
 
 def _card(spec: TrainSpec, state: dict[str, Any]) -> str:
