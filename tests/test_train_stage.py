@@ -102,3 +102,16 @@ def test_world_pair_and_cpt_variants_inline(tmp_path: Path) -> None:
     assert type(model).__name__ == "MixtralForCausalLM"
     with pytest.raises(ValueError, match="unknown training variant"):
         ensure_trained(cfg, run_dir, "nope")
+
+
+def test_cli_train_names_the_missing_stage(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from workflows.cli import cli
+
+    config = tmp_path / "run.yaml"
+    config.write_text(f"run_name: x\nworld: {{}}\nlanguages: {{original: [en], new: [sw]}}\n"
+                      f"storage: {{root: {tmp_path / 'runs'}}}\n")
+    result = CliRunner().invoke(cli, ["train", str(config)])
+    assert result.exit_code == 2
+    assert "data stage has not been built yet" in result.output

@@ -27,7 +27,6 @@ class UserError(click.ClickException):
 
 _PENDING = {
     "data": "the data stage (read, language-tag, filter, dedup, tokenize, pack)",
-    "train": "continued pre-training on Ray Train",
     "report": "the HTML report from MLflow",
     "submit": "submission to a Ray cluster",
 }
@@ -498,6 +497,32 @@ def evaluate(config: Path, data_dir: str | None, variants: tuple[str, ...], limi
     tracker.finish()
     click.echo(comparison_table(cfg, evaluated))
     click.echo(f"results: {run_dir.stage('eval').uri}")
+
+
+# ----------------------------------------------------------------------------- train
+
+
+@cli.command("train")
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("--variant", type=str, default="cpt-moe", show_default=True,
+              help="cpt-moe, cpt-moe-<name>, cpt-dense or flops-matched.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key (dotted path).")
+def train_command(config: Path, variant: str, overrides: tuple[str, ...]) -> None:
+    """Continued pre-training on Ray Train (FSDP2); resumes from the last checkpoint."""
+    from components.train.spec import TrainError
+    from workflows.train_stage import ensure_trained
+
+    stage = variant if variant.startswith("cpt-") else f"cpt-{variant}"  # the MLflow child run
+    run_dir, manifest, built = _tracked(
+        config, overrides, stage, (TrainError, FileNotFoundError, ValueError),
+        lambda cfg, rd, lg: ensure_trained(cfg, rd, variant, lg))
+    where = run_dir.stage(f"models/{variant}").uri
+    info = manifest.extra.get("train", {})
+    state = "built" if built else "already complete, skipped"
+    click.echo(f"{where}: {state} ({info.get('steps')} steps, {info.get('tokens')} tokens)")
+    for key, value in sorted(info.get("metrics", {}).items()):
+        click.echo(f"  {key}: {value:.4f}")
 
 
 # ----------------------------------------------------------------------------- reproduce
