@@ -72,7 +72,8 @@ def run(spec: TrainSpec) -> TrainResult:
                        tokens=int(state["tokens"]), seconds=time.perf_counter() - started,
                        metrics=metrics, checkpoint=str(latest),
                        resumed_from=starts[-1]["resumed_from"] if starts else None,
-                       attempts=len(starts), counts=state.get("counts", {}))
+                       attempts=len(starts), counts=state.get("counts", {}),
+                       step_seconds=float(state.get("step_seconds", 0.0)))
 
 
 def _starts(run_dir: Path) -> list[dict[str, Any]]:

@@ -220,6 +220,7 @@ class Worker:
         state = self.restore()
         start = int(state["step"]) if state else 0
         tokens = int(state["tokens"]) if state else 0
+        step_seconds = float(state.get("step_seconds", 0.0)) if state else 0.0
         initial = dict(state.get("initial", {})) if state else {}
         counts = self.counts()
         if session.rank == 0:
@@ -239,6 +240,7 @@ class Worker:
             log.info("resuming at step %d of %d", start, total)
         batches = session.batches(cfg.micro_batch_size, self.languages)
         pending, window, window_start, norm = 0, 0.0, time.perf_counter(), 0.0
+        loop_start = time.perf_counter()  # the loop's wall time, setup and first validation out
         for step in range(start, total):
             if step == self.steps and self.phase == "main":
                 self.phase = "review"
@@ -272,7 +274,8 @@ class Worker:
                 report = {"step": done, "tokens": tokens, **initial, **final,
                           **{k: v for k, v in metrics.items() if k.startswith("train/loss")}}
                 session.report(done, report, self.save(done, tokens, {
-                    "initial": initial, "final": final, "counts": counts}))
+                    "initial": initial, "final": final, "counts": counts,
+                    "step_seconds": step_seconds + time.perf_counter() - loop_start}))
             if spec.fail_at_step == done and session.rank == session.world_size - 1:
                 _inject_fault(spec, done)
 

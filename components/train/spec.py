@@ -110,3 +110,4 @@ class TrainResult:
     resumed_from: int | None = None
     attempts: int = 1
     counts: dict[str, int] = field(default_factory=dict)
+    step_seconds: float = 0.0  # wall time of the step loop (setup and first validation excluded)
