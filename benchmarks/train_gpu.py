@@ -1,8 +1,10 @@
 """GPU figures of the train component: tokens/s, MFU and peak memory of bf16 FSDP2.
 
 1. one GPU, the inline launcher (one NCCL rank, FSDP2 bf16 params / fp32 reduce);
-2. two Ray Train workers sharing that GPU (``gpus_per_worker=0.5``), FSDP2 over NCCL — NCCL
-   may refuse two ranks on one device; the script then says so instead of a figure.
+2. two ranks sharing that GPU, FSDP2 over NCCL: ``--two-launcher spawn`` (default: two local
+   processes in one torch process group, no Ray needed on the GPU machine) or ``ray`` (two Ray
+   Train workers with ``gpus_per_worker=0.5``). Should NCCL refuse two ranks on one device, the
+   script says so instead of a figure.
 The model is a randomly initialised Llama (~110M parameters) on random tokens; MFU counts
 6 · parameters · tokens/s against the GPU's dense bf16 peak (``--peak-tflops``, H100 SXM 989).
 Run from the repo root: ``python benchmarks/train_gpu.py``. The last line is
@@ -65,11 +67,15 @@ def main() -> None:
     parser.add_argument("--micro", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
+    parser.add_argument("--two-launcher", choices=["spawn", "ray"], default="spawn",
+                        help="how the 2-process run starts its ranks (ray needs a GPU-visible "
+                             "Ray; spawn is one torch process group without Ray)")
+    parser.add_argument("--two-backend", choices=["nccl", "gloo"], default="nccl",
+                        help="collectives of the 2-process run: NCCL refuses two ranks on one "
+                             "device ('Duplicate GPU detected'); gloo takes CUDA tensors too")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("no CUDA device: this benchmark needs a GPU")
-    import ray
-
     with tempfile.TemporaryDirectory(prefix="train-gpu-") as tmp:
         root = Path(tmp)
         model, data, params = make_inputs(root, args.seq_len, rows=args.steps * args.micro * 2)
@@ -80,18 +86,16 @@ def main() -> None:
         print(f"1 GPU, 1 process (inline, FSDP2 bf16): {one:,.0f} tokens/s, MFU {mfu:.1%}, "
               f"peak memory {peak:.2f} GiB")
         two = math.nan
-        ray.init(include_dashboard=False, log_to_driver=True)
         try:
             two, _ = run(root, model, data, "two", Resources(
                 num_workers=2, use_gpu=True, gpus_per_worker=0.5, cpus_per_worker=1.0,
-                launcher="ray"), args.steps, args.micro)
-            print(f"1 GPU, 2 Ray Train processes (FSDP2 over NCCL): {two:,.0f} tokens/s, "
-                  f"MFU {6 * params * two / (args.peak_tflops * 1e12):.1%} "
-                  "(peak memory is per worker process; see the Ray logs)")
+                launcher=args.two_launcher, backend=args.two_backend), args.steps, args.micro)
+            print(f"1 GPU, 2 processes ({args.two_launcher}, FSDP2 over {args.two_backend}): "
+                  f"{two:,.0f} "
+                  f"tokens/s, MFU {6 * params * two / (args.peak_tflops * 1e12):.1%} "
+                  "(peak memory above is the driver's; each rank holds half the shards)")
         except Exception as err:  # report, do not hide: NCCL may refuse a shared device
             print(f"2-process run on one GPU failed: {type(err).__name__}: {err}")
-        finally:
-            ray.shutdown()
     print(f"ratio={two / one:.3f}")
 
 

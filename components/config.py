@@ -364,9 +364,10 @@ class ResourcesConfig(_Section):
     cpus_per_worker: float = Field(0.5, gt=0.0)
     gpus_per_worker: float = Field(1.0, ge=0.0)
     backend: Literal["auto", "nccl", "gloo"] = "auto"
-    launcher: Literal["ray", "inline"] = Field("ray", description=(
+    launcher: Literal["ray", "inline", "spawn"] = Field("ray", description=(
         "ray: Ray Train TorchTrainer over num_workers workers; inline: the same training loop "
-        "in the driver process as one rank (tiny CPU runs, no ~25 s Ray Train setup)"))
+        "in the driver process as one rank (tiny CPU runs, no ~25 s Ray Train setup); spawn: "
+        "num_workers local processes in one torch process group, without Ray (one machine)"))
 
 
 class WorldConfig(_Section):

@@ -14,6 +14,7 @@ import logging
 import tempfile
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ def run(spec: TrainSpec) -> TrainResult:
     starts_before = len(_starts(run_dir))
     latest = latest_checkpoint(run_dir)
     if latest is None or read_state(latest)["step"] < total:
-        launch = _inline if spec.resources.launcher == "inline" else _ray
+        launch = {"inline": _inline, "spawn": _spawn}.get(spec.resources.launcher, _ray)
         launch(spec, languages, seq_len, run_dir, total)
         latest = latest_checkpoint(run_dir)
     if latest is None:
@@ -65,7 +66,12 @@ def run(spec: TrainSpec) -> TrainResult:
         raise TrainError(f"{latest}: the newest checkpoint holds step {state['step']} of {total}")
     starts = _starts(run_dir)[starts_before:]
     card = _card(spec, state)
-    export_hf(latest, spec.init_dir, spec.out_dir, card=card)
+    # Under a caller's process group (torchrun, mp.spawn) every rank gets here; one exports.
+    grouped = dist.is_initialized() and dist.get_world_size() > 1
+    if not grouped or dist.get_rank() == 0:
+        export_hf(latest, spec.init_dir, spec.out_dir, card=card)
+    if grouped:
+        dist.barrier()
     metrics = {k: float(v) for k, v in {**state.get("initial", {}),
                                           **state.get("final", {})}.items()}
     return TrainResult(out_dir=spec.out_dir, steps=int(state["step"]),
@@ -116,8 +122,9 @@ class _Progress:
 
 
 def _inline(spec: TrainSpec, languages: list[str], seq_len: int, run_dir: Path,
-            total: int) -> None:
-    """The loop in this process as a one-rank group (gloo on CPU, NCCL on GPU)."""
+            total: int, progress: bool = True) -> None:
+    """The loop in this process: a one-rank group of its own (gloo on CPU, NCCL on GPU), or, when
+    the caller already runs a process group (torchrun, ``mp.spawn``), each rank of that group."""
     from components.train.loop import Worker
 
     owns_group = not dist.is_initialized()
@@ -128,12 +135,49 @@ def _inline(spec: TrainSpec, languages: list[str], seq_len: int, run_dir: Path,
                                 init_method=f"file://{store.name}", rank=0, world_size=1)
     try:
         session = InlineSession(run_dir, spec.train.keep_checkpoints, spec.train_paths, spec.seed)
-        with _Progress(run_dir, total, spec.run_name):
+        show = progress and session.rank == 0
+        bar = _Progress(run_dir, total, spec.run_name) if show else nullcontext()
+        with bar:
             Worker(spec, session, languages, seq_len).run()
     finally:
         if owns_group:
             dist.destroy_process_group()
             Path(store.name).unlink(missing_ok=True)
+
+
+def _spawn(spec: TrainSpec, languages: list[str], seq_len: int, run_dir: Path,
+           total: int) -> None:
+    """``num_workers`` local processes, one process group (file store), each running the inline
+    loop as one rank; the driver keeps the progress bar and exports afterwards."""
+    import torch.multiprocessing as mp
+
+    world = spec.resources.num_workers
+    store = tempfile.NamedTemporaryFile(prefix="deltamoe-pg-", delete=False)
+    store.close()
+    Path(store.name).unlink()  # the file store must not exist before the group forms
+    try:
+        with _Progress(run_dir, total, spec.run_name):
+            mp.spawn(_spawned_rank, args=(spec, languages, seq_len, run_dir, total, store.name,
+                                          world), nprocs=world, join=True)
+    except mp.ProcessRaisedException as err:
+        raise TrainError(f"{run_dir}: a training process failed; rerun to resume from the last "
+                         f"checkpoint\n{str(err).strip().splitlines()[-1]}") from None
+    finally:
+        Path(store.name).unlink(missing_ok=True)
+
+
+def _spawned_rank(rank: int, spec: TrainSpec, languages: list[str], seq_len: int, run_dir: Path,
+                  total: int, store: str, world: int) -> None:
+    import torch
+
+    if spec.resources.use_gpu:
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    dist.init_process_group(spec.resources.resolved_backend(), init_method=f"file://{store}",
+                            rank=rank, world_size=world)
+    try:
+        _inline(spec, languages, seq_len, run_dir, total, progress=False)
+    finally:
+        dist.destroy_process_group()
 
 
 def _ray(spec: TrainSpec, languages: list[str], seq_len: int, run_dir: Path,

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from components.moe.allocation import RoutingPrior
 from components.moe.freeze import role
 from components.moe.routing import RouterCapture, load_balancing_loss, lpr_loss
-from components.tracking import RankZeroLogger
 from components.train import checkpoint as ckpt
 from components.train.data import IGNORE, Batch, validation_batches
 from components.train.fsdp import AnchorGuard, build_sharded, device_mesh, placement
@@ -71,8 +70,13 @@ class Worker:
         self.guard = AnchorGuard(self.model, self.is_moe and spec.freeze_anchor)
         self.losses = LossMeter(languages)
         self.routers = RouterMeter(languages, self.prior)
-        self.logger = (RankZeroLogger(spec.tracking_uri, spec.mlflow_run_id, rank=session.rank)
-                       if spec.tracking_uri and spec.mlflow_run_id else None)
+        self.logger = None
+        if spec.tracking_uri and spec.mlflow_run_id:
+            # imported here: a run that logs nothing does not need MLflow installed
+            from components.tracking import RankZeroLogger
+
+            self.logger = RankZeroLogger(spec.tracking_uri, spec.mlflow_run_id,
+                                         rank=session.rank)
         self.phase = "main"
         self.optimizer = self._optimizer("main")
 

@@ -58,18 +58,32 @@ def record_start(run_dir: str | Path, resumed_from: int | None, world_size: int)
 
 
 class InlineSession:
-    """One rank in the driver process; checkpoints as folders, newest complete one resumes."""
+    """The ranks of the caller's process group (one rank in the driver when there is none, or
+    each process started by torchrun/``mp.spawn``); checkpoints as folders on a filesystem every
+    rank sees, newest complete one resumes."""
 
     def __init__(self, run_dir: str | Path, keep: int, train_paths: Sequence[str],
                  seed: int) -> None:
+        import torch.distributed as dist
+
         self.run_dir = Path(run_dir)
         self.keep = keep
         self.train_paths = list(train_paths)
         self.seed = seed
-        self.rank, self.world_size, self.attempt = 0, 1, 1
+        grouped = dist.is_initialized()
+        self.rank = dist.get_rank() if grouped else 0
+        self.world_size = dist.get_world_size() if grouped else 1
+        self.attempt = 1
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
 
     def batches(self, batch_size: int, languages: Sequence[str]) -> Iterator[Batch]:
-        return local_batches(self.train_paths, batch_size, languages, self.seed)
+        return local_batches(self.train_paths, batch_size, languages, self.seed,
+                             rank=self.rank, world=self.world_size)
 
     def checkpoints(self) -> list[Path]:
         if not self.run_dir.exists():
@@ -87,15 +101,21 @@ class InlineSession:
             return
         final = self.run_dir / checkpoint_name(step)
         tmp = self.run_dir / f".tmp-{final.name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        write(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in self.checkpoints()[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._barrier()
+        write(tmp)  # collective: every rank writes its shards
+        self._barrier()
+        if self.rank == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in self.checkpoints()[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        self._barrier()
 
     def progress(self, data: dict[str, Any]) -> None:
-        write_progress(self.run_dir, data)
+        if self.rank == 0:
+            write_progress(self.run_dir, data)
 
 
 class RaySession:

@@ -18,15 +18,16 @@ class TrainError(ValueError):
 
 @dataclass(frozen=True)
 class Resources:
-    """Where the per-worker loop runs: ``launcher`` "ray" (TorchTrainer) or "inline" (the driver
-    process, one rank, for tiny CPU runs)."""
+    """Where the per-worker loop runs: ``launcher`` "ray" (TorchTrainer), "inline" (the driver
+    process, one rank, for tiny CPU runs) or "spawn" (``num_workers`` local processes in one
+    torch process group, no Ray)."""
 
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 0.5
     gpus_per_worker: float = 1.0
     backend: Literal["auto", "nccl", "gloo"] = "auto"
-    launcher: Literal["ray", "inline"] = "ray"
+    launcher: Literal["ray", "inline", "spawn"] = "ray"
 
     @property
     def world_size(self) -> int:
