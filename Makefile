@@ -8,9 +8,17 @@ BIN := $(VENV)/bin
 # that resolves to the local CPU wheel and pulls no CUDA packages.
 PIP_INSTALL := $(BIN)/python -m pip install --disable-pip-version-check -q
 
-.PHONY: setup demo test lint clean
+.PHONY: setup browser demo test lint clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed browser
+
+# Headless Chromium (Debian's package) for the browser test of the MLflow UI; installed only where
+# it is missing and apt-get can run as root, so setup never fails on machines without apt.
+browser:
+	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null \
+	  || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; } \
+	  || echo "chromium could not be installed: the browser test will be skipped"; fi
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -1,0 +1,164 @@
+"""Multi-language sweeps: one run config → one expansion per language set.
+
+A platform team rarely adds one language: it tries Swahili alone, Swahili with Yoruba, an East
+African group... Each set becomes its own run (its own run directory, MLflow parent run and
+models) named after the base run and the set, so their results sit side by side in the same
+MLflow experiment (tagged ``deltamoe.sweep`` and ``deltamoe.languages``). The data section's
+sources stay the base config's, so every run of a sweep reads the same corpora.
+
+A sweep run is the base config plus a few dotted-key overrides (:func:`sweep_overrides`), which is
+exactly what ``deltamoe run CONFIG --set KEY=VALUE`` takes: a cluster job reproduces a sweep run
+from the base config file and its overrides, with no generated file to ship.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from components.config import ConfigError, RunConfig
+from components.languages import canonical_tag
+
+__all__ = ["LanguageSets", "expand_sweep", "set_name", "sweep_overrides", "sweep_runs"]
+
+LanguageSets = Sequence[Sequence[str]] | Mapping[str, Sequence[str]]
+"""A list of language sets (named after their languages) or a mapping name → set."""
+
+SWEEP_TAG = "deltamoe.sweep"
+LANGUAGES_TAG = "deltamoe.languages"
+
+
+def set_name(tags: Sequence[str]) -> str:
+    """``[swh_Latn, yor_Latn]`` → ``swh-yor`` (the script is kept when two tags share a code)."""
+    codes = [t.split("_", 1)[0] for t in tags]
+    if len(set(codes)) < len(codes):
+        codes = [t.replace("_", "-").lower() for t in tags]
+    return "-".join(codes)
+
+
+def _normalise(language_sets: LanguageSets) -> list[tuple[str, list[str]]]:
+    """(name, canonical tags) per set; bad tags, empty sets and duplicates are ConfigErrors."""
+    items = (list(language_sets.items()) if isinstance(language_sets, Mapping)
+             else [(None, s) for s in language_sets])
+    if not items:
+        raise ConfigError([("language_sets", "expected at least one language set")])
+    out: list[tuple[str, list[str]]] = []
+    issues: list[tuple[str, str]] = []
+    for i, (name, tags) in enumerate(items):
+        where = f"language_sets.{name if name is not None else i}"
+        if isinstance(tags, str) or not tags:
+            issues.append((where, f"expected a non-empty list of languages, got {tags!r}"))
+            continue
+        try:
+            canon = list(dict.fromkeys(canonical_tag(t) for t in tags))
+        except ValueError as err:
+            issues.append((where, str(err)))
+            continue
+        out.append((name or set_name(canon), canon))
+    seen: dict[str, int] = {}
+    for name, _ in out:
+        seen[name] = seen.get(name, 0) + 1
+    issues += [(f"language_sets.{n}", "named more than once") for n, c in seen.items() if c > 1]
+    if issues:
+        raise ConfigError(issues)
+    return out
+
+
+def sweep_overrides(cfg: RunConfig, name: str, languages: Sequence[str]) -> dict[str, Any]:
+    """The dotted-key overrides that turn ``cfg`` into the sweep run ``name`` adding
+    ``languages``: a run name, ``languages.new``, tags, and every per-language table of the
+    config restricted to the run's languages (mix ratios, token budgets, expert allocation and
+    language groups, LID thresholds, per-language filters). Values are plain JSON, so they can
+    travel as ``--set KEY=VALUE``.
+
+    Raises ConfigError when the set overlaps the original languages; a sweep never changes the
+    data sources, so one whose ``languages`` names only dropped languages is an error too.
+    """
+    new = [canonical_tag(t) for t in languages]
+    keep = set(cfg.languages.original) | set(new)
+    clash = sorted(set(new) & set(cfg.languages.original))
+    if clash:
+        raise ConfigError([(f"language_sets.{name}",
+                            f"{', '.join(clash)} already in languages.original")])
+    for i, src in enumerate(cfg.data.sources):
+        if src.languages is not None and not keep & set(src.languages):
+            raise ConfigError([(f"data.sources.{i}.languages",
+                                f"source {src.name!r} holds none of the languages of sweep run "
+                                f"{name!r} ({', '.join(sorted(keep))})")])
+    alloc = cfg.upcycle.allocation
+    groups = {g: [t for t in members if t in keep] for g, members in alloc.groups.items()}
+    groups = {g: members for g, members in groups.items() if members}
+    overrides: dict[str, Any] = {
+        "run_name": f"{cfg.run_name}-{name}",
+        "languages.new": new,
+        "tracking.tags": {**cfg.tracking.tags, SWEEP_TAG: cfg.run_name,
+                          LANGUAGES_TAG: ",".join(new)},
+        "data.mix.ratios": {t: r for t, r in cfg.data.mix.ratios.items() if t in keep},
+        "data.mix.tokens_per_language": {t: n for t, n in
+                                         cfg.data.mix.tokens_per_language.items() if t in keep},
+        "data.lid.thresholds": {t: v for t, v in cfg.data.lid.thresholds.items() if t in keep},
+        "data.filters.per_language": {
+            t: f.model_dump(mode="json") for t, f in cfg.data.filters.per_language.items()
+            if t in keep},
+        "upcycle.allocation.groups": groups,
+        "upcycle.allocation.experts": {
+            k: list(ids) for k, ids in alloc.experts.items()
+            if k in groups or (k not in alloc.groups and canonical_tag(k) in keep)},
+    }
+    narrowed = [(i, [t for t in src.languages if t in keep])
+                for i, src in enumerate(cfg.data.sources)
+                if src.languages is not None and not set(src.languages) <= keep]
+    if narrowed:
+        # The sources list is replaced as a whole by an override; only the language filter of a
+        # source changes, and the masked JSON dump would lose credentials, so refuse those.
+        if any(src.storage_options for src in cfg.data.sources):
+            raise ConfigError([("data.sources", "a sweep that narrows a source's `languages` "
+                                "cannot carry storage_options credentials through --set; list "
+                                "the source without `languages` or split it per language")])
+        sources = cfg.model_dump(mode="json")["data"]["sources"]
+        for i, tags in narrowed:
+            sources[i]["languages"] = tags
+        overrides["data.sources"] = sources
+    return overrides
+
+
+def _apply(cfg: RunConfig, overrides: Mapping[str, Any]) -> RunConfig:
+    data = cfg.model_dump(mode="python")
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = json.loads(json.dumps(value))
+    try:
+        out = RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError([(".".join(map(str, e["loc"])), e["msg"])
+                           for e in err.errors(include_url=False)]) from None
+    issues = out.cross_section_issues()
+    if issues:
+        raise ConfigError(issues)
+    return out
+
+
+def expand_sweep(cfg: RunConfig, language_sets: LanguageSets) -> list[RunConfig]:
+    """One validated RunConfig per language set, in order, with distinct run names.
+
+    Pure: nothing is read or written. ``language_sets`` is a list of sets (``[["swh_Latn"],
+    ["rus_Cyrl", "ukr_Cyrl"]]``, named ``swh`` and ``rus-ukr``) or a mapping of names to sets.
+    """
+    return [_apply(cfg, sweep_overrides(cfg, name, tags))
+            for name, tags in _normalise(language_sets)]
+
+
+def sweep_runs(cfg: RunConfig, language_sets: LanguageSets) -> list[tuple[str, dict[str, Any]]]:
+    """(run name, overrides) per set: what a submitter passes to ``deltamoe run --set``."""
+    out = []
+    for name, tags in _normalise(language_sets):
+        overrides = sweep_overrides(cfg, name, tags)
+        _apply(cfg, overrides)  # validate before anything is submitted
+        out.append((overrides["run_name"], overrides))
+    return out
