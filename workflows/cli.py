@@ -28,7 +28,6 @@ class UserError(click.ClickException):
 _PENDING = {
     "data": "the data stage (read, language-tag, filter, dedup, tokenize, pack)",
     "report": "the HTML report from MLflow",
-    "submit": "submission to a Ray cluster",
 }
 
 
@@ -567,6 +566,150 @@ def reproduce(config: Path | None, seeds: str, out_file: Path | None,
         raise UserError(str(err)) from None
     click.echo(result.table)
     click.echo(f"results: {result.run_dir}/reproduce" + (f" and {out_file}" if out_file else ""))
+
+
+# ----------------------------------------------------------------------------- cluster jobs
+
+
+def _address_option(func: Any) -> Any:
+    return click.option("--address", envvar="RAY_ADDRESS", required=True, metavar="ADDR",
+                        help="Ray job server, e.g. http://127.0.0.1:8265 (or RAY_ADDRESS).")(func)
+
+
+def _slot(text: str | None) -> Any:
+    from datetime import datetime
+
+    if text is None:
+        return None
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise UserError(f"--slot {text!r}: expected an ISO date-time, e.g. 2026-01-31T02:00Z"
+                        ) from None
+
+
+def _client(address: str) -> Any:
+    from workflows.submit import SubmitError, connect
+
+    try:
+        return connect(address)
+    except SubmitError as err:
+        raise UserError(str(err)) from None
+
+
+def _finish_wait(client: Any, sid: str) -> None:
+    from workflows.submit import wait_for_job
+
+    status = wait_for_job(client, sid, write=lambda text: click.echo(text, nl=False))
+    click.echo(f"job {sid}: {status}")
+    if status != "SUCCEEDED":
+        sys.exit(1)
+
+
+@cli.command("submit")
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@_address_option
+@click.option("--wait", is_flag=True, help="Stream the job's logs; exit 1 unless it succeeds.")
+@click.option("--slot", default=None, metavar="ISO",
+              help="Schedule slot (a cron tick): part of the submission id.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key (dotted path); passed on to `deltamoe run`.")
+@click.option("--from", "from_stage", default=None, metavar="STAGE",
+              help="Passed on to `deltamoe run`.")
+@click.option("--only", "only", multiple=True, metavar="STAGE",
+              help="Passed on to `deltamoe run` (repeatable).")
+@click.option("--working-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None, help="Folder shipped as the job's working dir (default: the "
+              "project checkout).")
+@click.option("--no-pip", is_flag=True,
+              help="Drop the runtime env's pip section (the image holds the dependencies).")
+@click.option("--env", "extra_env", multiple=True, metavar="NAME",
+              help="Also pass this environment variable to the job when set (repeatable).")
+def submit_command(config: Path, address: str, wait: bool, slot: str | None,
+                   overrides: tuple[str, ...], from_stage: str | None, only: tuple[str, ...],
+                   working_dir: Path | None, no_pip: bool, extra_env: tuple[str, ...]) -> None:
+    """Submit `deltamoe run CONFIG` to a Ray cluster as a job.
+
+    The submission id comes from the resolved config (and --slot, --from/--only), so submitting
+    the same thing again reports the existing job instead of starting another.
+    """
+    from workflows.expand import select_stages
+    from workflows.submit import PROJECT_ROOT, SubmitError, submit
+
+    if from_stage and only:
+        raise UserError("give --from or --only, not both")
+    parsed = _parse_overrides(overrides)
+    cfg = load_config(config, overrides=parsed)
+    try:
+        select_stages(cfg, from_stage, only)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    run_args = [*(["--from", from_stage] if from_stage else []),
+                *(a for stage in only for a in ("--only", stage))]
+    client = _client(address)
+    try:
+        sub = submit(config, client, slot=_slot(slot), overrides=parsed, run_args=run_args,
+                     working_dir=working_dir or PROJECT_ROOT, pip=not no_pip,
+                     extra_env=extra_env)
+    except SubmitError as err:
+        raise UserError(str(err)) from None
+    if sub.created:
+        click.echo(f"submitted {sub.submission_id}: {sub.entrypoint}")
+        click.echo(f"env passed: {', '.join(sorted(sub.runtime_env['env_vars'])) or 'none'}")
+    else:
+        click.echo(f"already submitted {sub.submission_id} ({sub.status}): nothing new started")
+    if wait:
+        _finish_wait(client, sub.submission_id)
+    else:
+        click.echo(f"follow: deltamoe logs {sub.submission_id} --address {address}")
+
+
+@cli.command("status")
+@click.argument("submission_id")
+@_address_option
+def status_command(submission_id: str, address: str) -> None:
+    """Status of a submitted job."""
+    from workflows.submit import SubmitError, job_status
+
+    try:
+        info = job_status(_client(address), submission_id)
+    except SubmitError as err:
+        raise UserError(str(err)) from None
+    status = getattr(info.status, "value", info.status)
+    click.echo(f"{submission_id}: {status}" + (f" ({info.message})" if info.message else ""))
+    click.echo(f"entrypoint: {info.entrypoint}")
+
+
+@cli.command("logs")
+@click.argument("submission_id")
+@_address_option
+@click.option("--follow", "-f", is_flag=True, help="Stream until the job ends.")
+def logs_command(submission_id: str, address: str, follow: bool) -> None:
+    """Logs of a submitted job."""
+    from workflows.submit import SubmitError, job_logs
+
+    client = _client(address)
+    try:
+        if follow:
+            _finish_wait(client, submission_id)
+        else:
+            click.echo(job_logs(client, submission_id), nl=False)
+    except SubmitError as err:
+        raise UserError(str(err)) from None
+
+
+@cli.command("stop")
+@click.argument("submission_id")
+@_address_option
+def stop_command(submission_id: str, address: str) -> None:
+    """Stop a submitted job."""
+    from workflows.submit import SubmitError, stop_job
+
+    try:
+        stopped = stop_job(_client(address), submission_id)
+    except SubmitError as err:
+        raise UserError(str(err)) from None
+    click.echo(f"{submission_id}: " + ("stop requested" if stopped else "already ended"))
 
 
 # ----------------------------------------------------------------------------- later stages
