@@ -712,6 +712,57 @@ def stop_command(submission_id: str, address: str) -> None:
     click.echo(f"{submission_id}: " + ("stop requested" if stopped else "already ended"))
 
 
+@cli.group("schedule")
+def schedule_group() -> None:
+    """Recurring expansions from a schedule file (cron expressions → configs or sweeps)."""
+
+
+@schedule_group.command("run-due")
+@click.argument("schedule", type=click.Path(dir_okay=False, path_type=Path))
+@_address_option
+@click.option("--now", "now_text", default=None, metavar="ISO",
+              help="Evaluate the schedule at this time instead of the clock (UTC if naive).")
+@click.option("--dry-run", is_flag=True, help="Print what is due; submit nothing.")
+@click.option("--working-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None, help="Folder shipped as the jobs' working dir.")
+@click.option("--no-pip", is_flag=True,
+              help="Drop the runtime env's pip section (the image holds the dependencies).")
+@click.option("--env", "extra_env", multiple=True, metavar="NAME",
+              help="Also pass this environment variable to the jobs when set (repeatable).")
+def schedule_run_due(schedule: Path, address: str, now_text: str | None, dry_run: bool,
+                     working_dir: Path | None, no_pip: bool, extra_env: tuple[str, ...]) -> None:
+    """Submit what SCHEDULE has due now, skipping what was already submitted for its slot.
+
+    Idempotent: safe to call from cron, Airflow or a KubeRay RayCronJob at any frequency.
+    """
+    from datetime import UTC, datetime
+
+    from workflows.schedule import due_jobs, load_schedule, run_due
+    from workflows.submit import PROJECT_ROOT, SubmitError
+
+    now = _slot(now_text) if now_text else datetime.now(UTC)
+    due = due_jobs(load_schedule(schedule), schedule.resolve().parent, now)  # validate first
+    if dry_run:
+        for job in due:
+            state = "missed (older than max_delay_minutes)" if job.missed else "due"
+            click.echo(f"{job.entry}: {job.run_name} slot {job.slot.isoformat()} {state}")
+        return
+    try:
+        results = run_due(schedule, _client(address), now,
+                          working_dir=working_dir or PROJECT_ROOT, pip=not no_pip,
+                          extra_env=extra_env)
+    except SubmitError as err:
+        raise UserError(str(err)) from None
+    for job, sub in results:
+        if sub is None:
+            state = "missed (older than max_delay_minutes): not submitted"
+        elif sub.created:
+            state = f"submitted {sub.submission_id}"
+        else:
+            state = f"already submitted {sub.submission_id} ({sub.status})"
+        click.echo(f"{job.entry}: {job.run_name} slot {job.slot.isoformat()}: {state}")
+
+
 # ----------------------------------------------------------------------------- later stages
 
 
