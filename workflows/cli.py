@@ -26,7 +26,6 @@ class UserError(click.ClickException):
     exit_code = 2
 
 _PENDING = {
-    "data": "the data stage (read, language-tag, filter, dedup, tokenize, pack)",
     "report": "the HTML report from MLflow",
 }
 
@@ -496,6 +495,43 @@ def evaluate(config: Path, data_dir: str | None, variants: tuple[str, ...], limi
     tracker.finish()
     click.echo(comparison_table(cfg, evaluated))
     click.echo(f"results: {run_dir.stage('eval').uri}")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@cli.command("data")
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key (dotted path).")
+def data_command(config: Path, overrides: tuple[str, ...]) -> None:
+    """Read, language-tag, filter, dedup, tokenize, mix and pack the corpora into ``data/``."""
+    from components.data import DataError
+    from workflows.data_stage import STAGE, ensure_data
+
+    def build(cfg: Any, run_dir: Any, logger: Any) -> tuple[Any, bool]:
+        from components.data.tokenize import load_tokenizer
+        from workflows.data_stage import tokenizer_dir
+        from workflows.expand import init_ray
+
+        load_tokenizer(tokenizer_dir(cfg, run_dir))  # named before Ray starts
+        init_ray(cfg)
+        return ensure_data(cfg, run_dir, logger)
+
+    run_dir, manifest, built = _tracked(config, overrides, "data",
+                                        (DataError, FileNotFoundError), build)
+    where = run_dir.stage(STAGE).uri
+    if not built:
+        click.echo(f"{where}: already complete, skipped")
+    stats = manifest.extra.get("data", {})
+    click.echo(f"{where}: sequences of {stats.get('seq_len')} tokens")
+    for lang in stats.get("languages", []):
+        click.echo(f"  {lang}: {stats['documents_in'].get(lang, 0)} → "
+                   f"{stats['documents_out'].get(lang, 0)} documents; "
+                   f"{stats['tokens_train'].get(lang, 0)} train + "
+                   f"{stats['tokens_validation'].get(lang, 0)} validation tokens; share "
+                   f"{stats['share_realized'].get(lang, 0.0):.3f} (asked "
+                   f"{stats['share_requested'].get(lang, 0.0):.3f})")
 
 
 # ----------------------------------------------------------------------------- train

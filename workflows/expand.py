@@ -267,7 +267,7 @@ def select_stages(cfg: RunConfig, from_stage: str | None = None,
     return chosen
 
 
-def _init_ray(cfg: RunConfig) -> None:
+def init_ray(cfg: RunConfig) -> None:
     """Connect to the configured cluster (or start a local instance) once for every stage."""
     import ray
 
@@ -294,7 +294,7 @@ def run_workflow(cfg: RunConfig, *, from_stage: str | None = None,
     result = WorkflowResult(run_dir=run_dir.uri, tracking_uri=tracking_uri,
                             parent_run_id=tracker.parent_run_id)
     if any(s.name not in ("world", "upcycle", "evaluate", "report") for s in stages):
-        _init_ray(cfg)
+        init_ray(cfg)
     try:
         for stage in stages:
             log.info("stage %s: %s", stage.name, stage.help)

@@ -1,0 +1,122 @@
+"""Exact and near-duplicate removal: the first occurrence in corpus order is kept.
+
+Exact: a 128-bit BLAKE2b of the normalised text (lower case, whitespace runs collapsed), so
+copies that differ only in spacing or case are one document. Hashes are computed by the Ray
+workers; the keep/drop decision needs every earlier document, so the driver makes it in one
+ordered pass over 16-byte hashes.
+
+Near: MinHash over word 5-gram shingles with banded LSH (the datasketch scheme, in ~60 lines of
+numpy so no extra dependency): signatures are computed by the workers, the driver keeps an LSH
+index of kept documents and drops a document whose estimated Jaccard similarity with an indexed
+candidate reaches the threshold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from collections import defaultdict
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+__all__ = ["MinHasher", "NearDuplicateIndex", "exact_hashes", "lsh_params", "normalize"]
+
+_SHINGLE = 5
+_MASK32 = np.uint64(0xFFFFFFFF)
+
+
+def normalize(texts: pa.Array) -> pa.Array:
+    """Lower case, whitespace runs → one space, trimmed (Arrow kernels, no Python loop)."""
+    lowered = pc.utf8_lower(texts)
+    return pc.utf8_trim_whitespace(pc.replace_substring_regex(lowered, r"\s+", " "))
+
+
+def exact_hashes(texts: pa.Array) -> pa.Array:
+    """16-byte hash of each normalised text."""
+    norm = normalize(texts).cast(pa.binary()).to_pylist()
+    return pa.array([hashlib.blake2b(t, digest_size=16).digest() for t in norm],
+                    pa.binary(16))
+
+
+class MinHasher:
+    """MinHash signatures (``num_perm`` uint32 per document) of word 5-gram shingles.
+
+    Shingles are hashed with CRC32 and permuted with multiply-shift hashing
+    ``((a·x + b) mod 2^64) >> 32``, a 2-universal family for 32-bit keys; ``a``/``b`` come from
+    ``seed``, so every worker computes the same signature for the same text.
+    """
+
+    def __init__(self, num_perm: int = 128, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.num_perm = num_perm
+        self.a = rng.integers(1, 2**63, size=num_perm, dtype=np.uint64) | np.uint64(1)
+        self.b = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64)
+
+    def shingles(self, normalized: str) -> np.ndarray:
+        words = normalized.split(" ")
+        if len(words) <= _SHINGLE:
+            grams = [normalized]
+        else:
+            grams = [" ".join(words[i:i + _SHINGLE]) for i in range(len(words) - _SHINGLE + 1)]
+        return np.unique(np.fromiter((zlib.crc32(g.encode("utf-8")) for g in grams),
+                                     dtype=np.uint64, count=len(grams)))
+
+    def signature(self, normalized: str) -> np.ndarray:
+        keys = self.shingles(normalized)
+        with np.errstate(over="ignore"):
+            hashed = (self.a[:, None] * keys[None, :] + self.b[:, None]) >> np.uint64(32)
+        return (hashed & _MASK32).min(axis=1).astype(np.uint32)
+
+    def signatures(self, texts: pa.Array) -> pa.Array:
+        """A ``list<uint32>`` column of signatures for an Arrow text column."""
+        norm = normalize(texts).to_pylist()
+        flat = np.concatenate([self.signature(t) for t in norm]) if norm else \
+            np.zeros(0, np.uint32)
+        offsets = np.arange(len(norm) + 1, dtype=np.int32) * self.num_perm
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.uint32()))
+
+
+def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows) minimising equal-weight false positive and negative probability mass."""
+    grid = np.linspace(0.0, 1.0, 201)
+    best, best_err = (1, num_perm), float("inf")
+    for bands in range(1, num_perm + 1):
+        rows = num_perm // bands
+        hit = 1.0 - (1.0 - grid ** rows) ** bands
+        below, above = grid <= threshold, grid >= threshold
+        fp = np.trapezoid(hit[below], grid[below]) if below.sum() > 1 else 0.0
+        fn = np.trapezoid(1.0 - hit[above], grid[above]) if above.sum() > 1 else 0.0
+        if fp + fn < best_err:
+            best, best_err = (bands, rows), fp + fn
+    return best
+
+
+class NearDuplicateIndex:
+    """Banded LSH over kept signatures; :meth:`check_and_add` says whether a document is a
+    near duplicate of one already kept (and indexes it when it is not)."""
+
+    def __init__(self, num_perm: int, threshold: float) -> None:
+        self.threshold = threshold
+        self.bands, self.rows = lsh_params(threshold, num_perm)
+        self.buckets: list[dict[bytes, list[int]]] = [defaultdict(list)
+                                                      for _ in range(self.bands)]
+        self.kept: list[np.ndarray] = []
+
+    def check_and_add(self, signature: np.ndarray) -> bool:
+        keys = [signature[b * self.rows:(b + 1) * self.rows].tobytes()
+                for b in range(self.bands)]
+        seen: set[int] = set()
+        for band, key in enumerate(keys):
+            for cand in self.buckets[band].get(key, ()):
+                if cand in seen:
+                    continue
+                seen.add(cand)
+                if float(np.mean(self.kept[cand] == signature)) >= self.threshold:
+                    return True
+        index = len(self.kept)
+        self.kept.append(signature)
+        for band, key in enumerate(keys):
+            self.buckets[band][key].append(index)
+        return False

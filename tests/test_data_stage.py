@@ -1,0 +1,230 @@
+"""The data stage on the synthetic world: lossless packing in both layouts, planted duplicates and
+junk removed, the requested mix realized, LID agreement per backend (py3langid; a fastText model
+trained here for the GlotLID path), bad input, and the stage + command around it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+import yaml
+
+from components.config import DataConfig
+from components.data import DataError, prepare_data
+
+ORIGINAL = ["eng_Latn", "deu_Latn"]
+NEW = ["swh_Latn", "rus_Cyrl"]
+LANGS = [*ORIGINAL, *NEW]
+CX = {"eng_Latn": "en", "deu_Latn": "de", "swh_Latn": "sw", "rus_Cyrl": "ru"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from components.synthetic import build_world
+
+    root = tmp_path_factory.mktemp("data") / "world"
+    build_world(root, seed=0, num_people=24, docs_per_language=150, vocab_size=700,
+                languages=LANGS)
+    return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray() -> object:
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+def _cfg(fmt: str, world: Path, **extra: object) -> DataConfig:
+    raw = {"sources": [{"name": "w", "format": fmt, "path": str(world / "corpora" / fmt)}],
+           "seq_len": 64, "validation_fraction": 0.05, **extra}
+    return DataConfig.model_validate(raw)
+
+
+def _expected_streams(world: Path, eos: int) -> dict[str, list[int]]:
+    """Each language's kept documents (planted duplicates and junk removed), tokenized with EOS
+    after each, in corpus order: what packing must give back."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(world / "model")
+    planted = json.loads((world / "world.json").read_text())["planted"]
+    out = {}
+    for tag in LANGS:
+        table = pq.read_table(world / "corpora/fineweb2/data" / tag / "train",
+                              columns=["text", "id"])
+        drop = set(planted[tag]["duplicates"]) | set(planted[tag]["junk"])
+        texts = [t for t, i in zip(table.column("text").to_pylist(),
+                                   table.column("id").to_pylist(), strict=True) if i not in drop]
+        stream: list[int] = []
+        for ids in tok(texts, add_special_tokens=False)["input_ids"]:
+            stream += [*ids, eos]
+        out[tag] = stream
+    return out
+
+
+def _rows(out: Path, split: str) -> dict[str, list[list[int]]]:
+    rows: dict[str, list[list[int]]] = {}
+    for path in sorted((out / split).glob("*.parquet")):
+        table = pq.read_table(path)
+        for ids, lang in zip(table.column("input_ids").to_pylist(),
+                             table.column("lang").to_pylist(), strict=True):
+            rows.setdefault(lang, []).append(ids)
+    return rows
+
+
+@pytest.mark.parametrize("fmt", ["fineweb2", "culturax"])
+def test_packing_is_lossless_and_planted_documents_are_removed(world: Path, tmp_path: Path,
+                                                                fmt: str) -> None:
+    # every token pinned: all full sequences are written, so decoding must give back everything
+    cfg = _cfg(fmt, world, mix={"tokens_per_language": {t: 10**9 for t in LANGS}})
+    out = tmp_path / "out"
+    result = prepare_data(cfg, LANGS, ORIGINAL, world / "model", out, progress=False)
+    eos = json.loads((world / "model" / "config.json").read_text())["eos_token_id"]
+    expected = _expected_streams(world, eos)
+    train, validation = _rows(out, "train"), _rows(out, "validation")
+    for tag in LANGS:
+        packed = [t for row in train[tag] + validation[tag] for t in row]
+        assert all(len(row) == 64 for row in train[tag] + validation[tag])
+        full = len(expected[tag]) // 64 * 64
+        assert packed == expected[tag][:full], tag  # in order, nothing lost but the tail
+        assert result.partial_tokens_dropped[tag] == len(expected[tag]) - full
+        assert result.dropped[tag]["exact_duplicate"] == 150 // 50
+        assert sum(result.dropped[tag].values()) == 150 // 50 + 150 // 100
+        assert len(validation[tag]) == max(1, round(len(packed) // 64 * 0.05))
+    assert json.loads((out / "stats.json").read_text())["documents_out"] == result.documents_out
+
+
+def test_mix_is_realized_and_py3langid_agrees(world: Path, tmp_path: Path) -> None:
+    cfg = _cfg("culturax", world, mix={"ratios": {"swh_Latn": 0.7, "rus_Cyrl": 0.3},
+                                       "replay_ratio": 0.2},
+               lid={"backend": "py3langid", "mode": "tag"})
+    result = prepare_data(cfg, LANGS, ORIGINAL, world / "model", tmp_path / "out",
+                          progress=False)
+    wanted = {"swh_Latn": 0.56, "rus_Cyrl": 0.24, "eng_Latn": 0.1, "deu_Latn": 0.1}
+    for tag, share in wanted.items():
+        assert result.share_requested[tag] == pytest.approx(share)
+        assert abs(result.share_realized[tag] - share) <= 0.02, (tag, result.share_realized)
+    for tag in ("eng_Latn", "deu_Latn", "swh_Latn"):  # Latin script: ≥ 95% agreement
+        assert result.lid_agreement[tag] >= 0.95, result.lid_confusion[tag]
+    # no language gets more than its share: every train row is one language, none mixed
+    rows = _rows(tmp_path / "out", "train")
+    total = sum(len(v) for v in rows.values())
+    assert {t: round(len(v) / total, 2) for t, v in rows.items()} == pytest.approx(wanted,
+                                                                                   abs=0.02)
+
+
+def test_glotlid_fasttext_backend_filters_by_prediction(world: Path, tmp_path: Path) -> None:
+    import fasttext
+
+    lines = []
+    for tag in LANGS:
+        table = pq.read_table(world / "corpora/fineweb2/data" / tag / "train", columns=["text"])
+        lines += [f"__label__{tag} {' '.join(t.split())}" for t in
+                  table.column("text").to_pylist()[:60]]
+    train_file = tmp_path / "lid.txt"
+    train_file.write_text("\n".join(lines) + "\n")
+    model = fasttext.train_supervised(str(train_file), epoch=10, lr=0.5, dim=16, minCount=1,
+                                      thread=1, seed=0, verbose=0)
+    model.save_model(str(tmp_path / "lid.bin"))
+    # filter mode with an impossible threshold for Swahili: LID drops all of it → clear error
+    lid_model = str(tmp_path / "lid.bin")
+    cfg = _cfg("fineweb2", world, lid={"backend": "glotlid", "model_path": lid_model,
+                                       "mode": "filter", "thresholds": {"swh_Latn": 1.0}})
+    with pytest.raises(DataError, match=r"no documents left for swh_Latn.*lid_low_score"):
+        prepare_data(cfg, LANGS, ORIGINAL, world / "model", tmp_path / "x", progress=False)
+    cfg = _cfg("fineweb2", world, lid={"backend": "glotlid",
+                                       "model_path": str(tmp_path / "lid.bin"), "mode": "filter"})
+    result = prepare_data(cfg, LANGS, ORIGINAL, world / "model", tmp_path / "out",
+                          progress=False)
+    for tag in LANGS:
+        assert result.lid_agreement[tag] >= 0.95, result.lid_confusion[tag]
+        mismatched = result.dropped[tag].get("lid_mismatch", 0)
+        assert mismatched == sum(n for p, n in result.lid_confusion[tag].items() if p != tag)
+
+
+def test_non_utf8_is_replaced_and_counted(world: Path, tmp_path: Path) -> None:
+    good = "habari ya asubuhi rafiki yangu, leo tunasoma kitabu kipya pamoja. " * 3
+    corpus = tmp_path / "c.jsonl"
+    with open(corpus, "wb") as f:
+        for i in range(40):
+            text = good.encode() if i % 4 else good.encode()[:30] + b"\xff\xfe" + good.encode()
+            f.write(b'{"text": "' + text + b'"}\n')
+    cfg = DataConfig.model_validate({
+        "sources": [{"name": "raw", "format": "jsonl", "path": str(corpus),
+                     "languages": ["swh_Latn"]}], "seq_len": 32,
+        "dedup": {"exact": False}, "validation_fraction": 0.0})
+    result = prepare_data(cfg, ["swh_Latn"], [], world / "model", tmp_path / "out",
+                          progress=False)
+    assert result.bad_utf8_documents == {"swh_Latn": 10}
+    assert result.bad_utf8_replacements == {"swh_Latn": 20}  # two bad bytes each
+    assert result.documents_out == {"swh_Latn": 40}
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("missing_path", r"source 'w': path .*nowhere does not exist"),
+    ("missing_column", r"column 'body' not in .*parquet"),
+    ("no_data_for_language", r"no fineweb2 folder for tur_Latn"),
+    ("no_eos", r"has no EOS token"),
+])
+def test_bad_input_is_named(world: Path, tmp_path: Path, case: str, message: str) -> None:
+    fmt, langs, tokenizer = "fineweb2", LANGS, world / "model"
+    raw: dict = {"name": "w", "format": fmt, "path": str(world / "corpora" / fmt)}
+    if case == "missing_path":
+        raw["path"] = str(tmp_path / "nowhere")
+    elif case == "missing_column":
+        raw["text_column"] = "body"
+    elif case == "no_data_for_language":
+        raw["languages"] = ["tur_Latn"]
+        langs = ["tur_Latn"]
+        (tmp_path / "c").mkdir()
+    elif case == "no_eos":
+        tokenizer = tmp_path / "tok"
+        tokenizer.mkdir()
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            data = json.loads((world / "model" / name).read_text())
+            if name == "tokenizer_config.json":
+                data.pop("eos_token", None)
+            (tokenizer / name).write_text(json.dumps(data))
+    cfg = DataConfig.model_validate({"sources": [raw], "seq_len": 64})
+    with pytest.raises(DataError, match=message):
+        prepare_data(cfg, langs, ORIGINAL, tokenizer, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "stats.json").exists()
+
+
+def test_stage_command_builds_once_and_logs(world: Path, tmp_path: Path) -> None:
+    """`deltamoe data CONFIG` in a fresh process: the stage folder with its manifest, statistics
+    in MLflow, and a rerun that skips."""
+    from mlflow import MlflowClient
+
+    config = {"run_name": "d", "models": {"base": str(world / "model"),
+                                          "post": str(world / "model")},
+              "languages": {"original": ORIGINAL, "new": NEW},
+              "data": {"sources": [{"name": "w", "format": "fineweb2",
+                                    "path": str(world / "corpora/fineweb2")}], "seq_len": 64},
+              "storage": {"root": str(tmp_path / "runs")},
+              "tracking": {"uri": f"sqlite:///{tmp_path}/m.db"},
+              "resources": {"ray_address": None}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env_cmd = [sys.executable, "-m", "workflows.cli", "data", str(path)]
+    first = subprocess.run(env_cmd, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "swh_Latn: 154 → 150 documents" in first.stdout
+    stage = tmp_path / "runs" / "d" / "data"
+    assert (stage / "manifest.json").exists() and list((stage / "train").glob("*.parquet"))
+    again = subprocess.run(env_cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "already complete, skipped" in again.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    run = client.search_runs([client.get_experiment_by_name("deltamoe").experiment_id],
+                             filter_string="tags.`deltamoe.stage` = 'data'")[0]
+    assert run.data.metrics["data/documents_out/swh_Latn"] == 150
+    assert run.data.metrics["data/dropped/exact_duplicate/swh_Latn"] == 3
+    arrays = np.array(pq.read_table(stage / "train").column("input_ids").to_pylist())
+    assert arrays.shape[1] == 64

@@ -1,0 +1,127 @@
+"""The data stage of a run: ``data/`` (continued pre-training data) and, for a synthetic-world
+run, ``base-data/`` (the original languages only, to pre-train the world's tiny base).
+
+Both call :func:`components.data.prepare_data` inside ``StageDir.build``, so a failed or killed
+run leaves no folder that looks complete, and both are skipped when their fingerprint (the data
+section, the languages, the seed, the tokenizer's bytes and the source files' names and sizes)
+matches the manifest. Statistics go to the manifest, ``stats.json`` and MLflow (metrics
+``data/...`` and a per-language table).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from components.config import DataConfig, RunConfig
+from components.data import DataResult, prepare_data
+from components.data.readers import resolve_source
+from components.storage import Manifest, RunDir, StageDir, fingerprint
+from components.tracking import RankZeroLogger
+
+log = logging.getLogger(__name__)
+
+STAGE = "data"
+BASE_STAGE = "base-data"
+
+
+def tokenizer_dir(cfg: RunConfig, run_dir: RunDir) -> Path:
+    """``data.tokenizer``, else the base model's directory (its tokenizer files)."""
+    if cfg.data.tokenizer:
+        return Path(cfg.data.tokenizer).expanduser()
+    from workflows.upcycle_stage import base_model_dir
+
+    return base_model_dir(cfg, run_dir)
+
+
+def _tokenizer_identity(path: Path) -> str:
+    """Digest of the tokenizer's files: a retrained tokenizer must not reuse old shards."""
+    digest = hashlib.sha256()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        file = path / name
+        if file.exists():
+            digest.update(name.encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def _sources_identity(data: DataConfig, languages: list[str], run_dir: RunDir) -> list[Any]:
+    """Names and sizes of every input file (cheap; a changed corpus means new shards)."""
+    local = str(run_dir.local_path) if run_dir.local_path is not None else run_dir.uri
+    out = []
+    for source in data.sources:
+        plan = resolve_source(source, languages, local)
+        out.append([source.name, [[f, plan.fs.size(f)] for f in plan.files]])
+    return out
+
+
+def _ensure(cfg: RunConfig, run_dir: RunDir, stage_name: str, languages: list[str],
+            tokenizer: Path, logger: RankZeroLogger | None) -> tuple[Manifest, bool]:
+    from components.data.tokenize import load_tokenizer
+
+    load_tokenizer(tokenizer)  # a missing or EOS-less tokenizer is named before anything else
+    stage: StageDir = run_dir.stage(stage_name)
+    data = cfg.data
+    local = str(run_dir.local_path) if run_dir.local_path is not None else None
+    fp = fingerprint("data", data.model_dump(mode="json"), languages,
+                     list(cfg.languages.original), cfg.seed, _tokenizer_identity(tokenizer),
+                     _sources_identity(data, languages, run_dir))
+    if stage.is_complete(fp):
+        manifest = stage.read_manifest()
+        assert manifest is not None
+        return manifest, False
+    with stage.build(fp, inputs={"tokenizer": str(tokenizer)},
+                     config=data.model_dump(mode="json")) as work:
+        result = prepare_data(data, languages, cfg.languages.original, tokenizer, work.uri,
+                              run_dir=local, seed=cfg.seed,
+                              storage_options=cfg.storage.storage_options)
+        work.extra["data"] = {k: v for k, v in result.to_dict().items() if k != "files"}
+    manifest = stage.read_manifest()
+    assert manifest is not None
+    if logger is not None:
+        log_data(logger, result)
+    _print_summary(result)
+    return manifest, True
+
+
+def log_data(logger: RankZeroLogger, result: DataResult) -> None:
+    """Statistics as ``data/...`` metrics, the per-language table and the full stats."""
+    logger.log_metrics(result.metrics(), step=0)
+    logger.log_dict(result.to_dict(), "data/stats.json")
+    if logger.is_rank_zero:
+        import pandas as pd
+
+        logger.client.log_table(logger.run_id, data=pd.DataFrame(result.table()),
+                                artifact_file="data/languages.json")
+
+
+def _print_summary(result: DataResult) -> None:
+    for lang in result.languages:
+        log.info("data %s: %d → %d documents, %d train + %d validation tokens (share %.3f, "
+                 "asked %.3f)", lang, result.documents_in.get(lang, 0),
+                 result.documents_out.get(lang, 0), result.tokens_train.get(lang, 0),
+                 result.tokens_validation.get(lang, 0), result.share_realized.get(lang, 0.0),
+                 result.share_requested.get(lang, 0.0))
+
+
+def ensure_data(cfg: RunConfig, run_dir: RunDir,
+                logger: RankZeroLogger | None = None) -> tuple[Manifest, bool]:
+    """Build (or skip) ``data/``: every run language, mixed as ``data.mix`` asks."""
+    languages = [*cfg.languages.original, *cfg.languages.new]
+    return _ensure(cfg, run_dir, STAGE, languages, tokenizer_dir(cfg, run_dir), logger)
+
+
+def ensure_base_data(cfg: RunConfig, run_dir: RunDir,
+                     logger: RankZeroLogger | None = None) -> tuple[Manifest, bool]:
+    """Build (or skip) ``base-data/``: the original languages only, tokenized with the world
+    model's tokenizer, for pre-training the world's tiny base from scratch."""
+    local = run_dir.local_path
+    if local is None or not (local / "world" / "model" / "config.json").exists():
+        raise FileNotFoundError(f"{run_dir.uri}/world/model: the world stage has not been "
+                                "built (deltamoe run CONFIG --only world)")
+    base_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
+        "mix": cfg.data.mix.model_copy(update={"ratios": {}, "tokens_per_language": {}})})})
+    return _ensure(base_cfg, run_dir, BASE_STAGE, list(cfg.languages.original),
+                   local / "world" / "model", logger)
