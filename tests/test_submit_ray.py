@@ -140,3 +140,22 @@ def test_submit_wait_then_resubmit_is_a_no_op(ray_head, tmp_path: Path) -> None:
     missing = _deltamoe("status", "deltamoe-nope-000000000000", "--address", address, env=env)
     assert missing.returncode == 2 and "no job deltamoe-nope-000000000000" in missing.stderr
 
+
+
+def test_ray_exports_the_node_metrics_the_dashboard_plots(ray_head) -> None:
+    """The Grafana dashboard's CPU node panels query metrics this Ray head really exports
+    (GPU gauges appear only on GPU nodes; test_cluster_manifests checks their names)."""
+    from test_cluster_manifests import dashboard_metrics
+
+    _, url = ray_head
+    wanted = {m for m in dashboard_metrics()
+              if m.startswith("ray_node_") and not m.startswith(("ray_node_gpus", "ray_node_gram"))}
+    assert len(wanted) >= 5
+    deadline = time.monotonic() + 60
+    while True:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            exported = set(re.findall(r"^(ray_[A-Za-z0-9_]+)", r.read().decode(), flags=re.M))
+        if wanted <= exported or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert wanted <= exported, sorted(wanted - exported)
