@@ -73,3 +73,55 @@ def test_bad_sets_name_the_key(demo, sets, where, message) -> None:
         expand_sweep(demo, sets)
     assert any(path == where and message in text for path, text in err.value.issues), \
         err.value.issues
+
+
+def test_summary_compares_runs_and_reports_failures(demo) -> None:
+    from components.evaluate.results import ResultRow
+    from workflows.expand import WorkflowResult
+    from workflows.sweep import SweepRun, sweep_summary
+
+    swh, rus = expand_sweep(demo, [["swh_Latn"], ["rus_Cyrl"]])
+    rows = [ResultRow("synthetic_mc", lang, "acc", value, None, 10) for lang, value in
+            (("eng_Latn", 0.8), ("deu_Latn", 0.7), ("swh_Latn", 0.6), ("rus_Cyrl", 0.1))]
+    result = WorkflowResult("runs/demo-swh", "sqlite:///x", "r1",
+                            stages={"world": "built", "data": "skipped (manifest matches)"},
+                            evaluated={"deltamoe": rows})
+    text = sweep_summary([SweepRun(swh, result), SweepRun(rus, error="GraftError: bad\nmore")])
+    assert text.splitlines()[2:] == [
+        "| demo-swh | swh_Latn | 2 (1 built) | deltamoe | synthetic_mc | acc | 0.750 | 0.600 |",
+        "| demo-rus | rus_Cyrl | failed: GraftError: bad | | | | | |"]
+
+
+def test_cli_sweep_runs_one_expansion_per_set(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    cfg = yaml.safe_load(DEMO_CONFIG.read_text())
+    cfg["world"].update(num_people=16, docs_per_language=24, vocab_size=600, base_steps=0)
+    cfg["storage"]["root"] = str(tmp_path / "runs")
+    cfg["tracking"]["uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "workflows.cli", "sweep", str(tmp_path / "c.yaml")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([*cmd, "-l", "swh_Latn", "-l", "rus_Cyrl", "--only", "world"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "## sweep of demo: 2 runs" in proc.stdout
+    assert "| demo-swh | swh_Latn | 1 (1 built) | – | not evaluated |" in proc.stdout
+    assert "| demo-rus | rus_Cyrl | 1 (1 built) | – | not evaluated |" in proc.stdout
+    for name in ("demo-swh", "demo-rus"):
+        assert (tmp_path / "runs" / name / "world" / "manifest.json").is_file()
+    client = MlflowClient(cfg["tracking"]["uri"])
+    exp = client.get_experiment_by_name("deltamoe-demo")
+    parents = client.search_runs([exp.experiment_id],
+                                 filter_string=f"tags.`{SWEEP_TAG}` = 'demo'")
+    assert sorted((r.info.run_name, r.data.tags[LANGUAGES_TAG]) for r in parents) == [
+        ("demo-rus", "rus_Cyrl"), ("demo-swh", "swh_Latn")]
+
+    bad = subprocess.run([*cmd, "-l", "eng_Latn"], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert bad.returncode == 2 and "already in languages.original" in bad.stderr
+    assert "Traceback" not in bad.stderr

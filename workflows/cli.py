@@ -838,6 +838,62 @@ def report_command(run_name: str, config_file: Path | None, root: str) -> None:
     click.echo(f"report: {path}")
 
 
+# ----------------------------------------------------------------------------- sweep
+
+
+def _language_sets(values: tuple[str, ...]) -> Any:
+    """``-l swh_Latn -l east=swh_Latn,yor_Latn`` → a list of sets, or name → set when named."""
+    sets = []
+    for value in values:
+        name, sep, tags = value.rpartition("=")
+        members = [t.strip() for t in tags.split(",") if t.strip()]
+        if not members or (sep and not name):
+            raise UserError(f"--languages {value!r}: expected TAG[,TAG...] or NAME=TAG[,TAG...]")
+        sets.append((name or None, members))
+    if any(name for name, _ in sets):
+        if not all(name for name, _ in sets):
+            raise UserError("--languages: name every set (NAME=TAGS) or none")
+        return dict(sets)
+    return [members for _, members in sets]
+
+
+@cli.command("sweep")
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("--languages", "-l", "language_sets", multiple=True, required=True,
+              metavar="[NAME=]TAG[,TAG...]",
+              help="One language set to add (repeatable): one expansion per set.")
+@click.option("--from", "from_stage", default=None, metavar="STAGE",
+              help="Start every run at STAGE.")
+@click.option("--only", "only", multiple=True, metavar="STAGE", help="Run only STAGE.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key (dotted path) of every run.")
+def sweep_command(config: Path, language_sets: tuple[str, ...], from_stage: str | None,
+                  only: tuple[str, ...], overrides: tuple[str, ...]) -> None:
+    """One expansion of CONFIG per language set (runs named <run_name>-<set>, same data
+    sources), one after the other, then a table comparing them. Exit 1 if any run failed."""
+    from workflows.expand import select_stages
+    from workflows.sweep import expand_sweep, run_sweep, sweep_summary
+
+    if from_stage and only:
+        raise UserError("give --from or --only, not both")
+    cfg = load_config(config, overrides=_parse_overrides(overrides))
+    sets = _language_sets(language_sets)
+    try:
+        for run_cfg in expand_sweep(cfg, sets):  # every run's config valid before any starts
+            select_stages(run_cfg, from_stage, only)
+    except ValueError as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise UserError(str(err)) from None
+    runs = run_sweep(cfg, sets, from_stage=from_stage, only=only)
+    for run in runs:
+        if run.result is not None:
+            click.echo(f"\n## {run.cfg.run_name}\n{run.result.summary()}")
+    click.echo(f"\n## sweep of {cfg.run_name}: {len(runs)} runs\n{sweep_summary(runs)}")
+    if any(run.error for run in runs):
+        sys.exit(1)
+
+
 # ----------------------------------------------------------------------------- later stages
 
 

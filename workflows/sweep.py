@@ -8,13 +8,16 @@ sources stay the base config's, so every run of a sweep reads the same corpora.
 
 A sweep run is the base config plus a few dotted-key overrides (:func:`sweep_overrides`), which is
 exactly what ``deltamoe run CONFIG --set KEY=VALUE`` takes: a cluster job reproduces a sweep run
-from the base config file and its overrides, with no generated file to ship.
+from the base config file and its overrides, with no generated file to ship. ``deltamoe sweep``
+runs the expansions one after the other (:func:`run_sweep`) and prints :func:`sweep_summary`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -22,7 +25,10 @@ from pydantic import ValidationError
 from components.config import ConfigError, RunConfig
 from components.languages import canonical_tag
 
-__all__ = ["LanguageSets", "expand_sweep", "set_name", "sweep_overrides", "sweep_runs"]
+__all__ = ["LanguageSets", "SweepRun", "expand_sweep", "run_sweep", "set_name", "sweep_overrides",
+           "sweep_runs", "sweep_summary"]
+
+log = logging.getLogger(__name__)
 
 LanguageSets = Sequence[Sequence[str]] | Mapping[str, Sequence[str]]
 """A list of language sets (named after their languages) or a mapping name → set."""
@@ -162,3 +168,57 @@ def sweep_runs(cfg: RunConfig, language_sets: LanguageSets) -> list[tuple[str, d
         _apply(cfg, overrides)  # validate before anything is submitted
         out.append((overrides["run_name"], overrides))
     return out
+
+
+@dataclass
+class SweepRun:
+    """One run of a sweep: its config and either the workflow's result or why it failed."""
+
+    cfg: RunConfig
+    result: Any = None
+    error: str | None = None
+
+
+def run_sweep(cfg: RunConfig, language_sets: LanguageSets, *, from_stage: str | None = None,
+              only: tuple[str, ...] = ()) -> list[SweepRun]:
+    """Run the workflow for every set in turn; a failing run is recorded and the next one runs
+    (the summary shows it, the caller exits non-zero)."""
+    from workflows.expand import run_workflow
+
+    runs = [SweepRun(c) for c in expand_sweep(cfg, language_sets)]
+    for run in runs:
+        log.info("sweep run %s: adding %s", run.cfg.run_name, ", ".join(run.cfg.languages.new))
+        try:
+            run.result = run_workflow(run.cfg, from_stage=from_stage, only=only)
+        except Exception as err:  # reported per run; the sweep goes on to the next set
+            log.exception("sweep run %s failed", run.cfg.run_name)
+            run.error = f"{type(err).__name__}: {err}"
+    return runs
+
+
+def sweep_summary(runs: Sequence[SweepRun]) -> str:
+    """Markdown comparing the runs: per run, its stages, and per evaluated variant the
+    original- and expanded-language averages of each task's primary metric."""
+    from components.evaluate.results import comparison_rows
+
+    def fmt(value: float | None) -> str:
+        return "–" if value is None else f"{value:.3f}"
+
+    lines = ["| run | new languages | stages | variant | task | metric | original | expanded |",
+             "|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        head = f"| {run.cfg.run_name} | {', '.join(run.cfg.languages.new)} |"
+        if run.error is not None:
+            lines.append(f"{head} failed: {run.error.splitlines()[0][:120]} | | | | | |")
+            continue
+        states = list(run.result.stages.values())
+        built = sum(s == "built" for s in states)
+        stages = f"{len(states)} ({built} built)"
+        rows = comparison_rows(run.result.evaluated or {}, run.cfg.languages.original,
+                               run.cfg.languages.new)
+        if not rows:
+            lines.append(f"{head} {stages} | – | not evaluated | | | |")
+        for row in rows:
+            lines.append(f"{head} {stages} | {row['variant']} | {row['task']} | "
+                         f"{row['metric']} | {fmt(row['original'])} | {fmt(row['new'])} |")
+    return "\n".join(lines)
