@@ -80,7 +80,8 @@ def language_averages(rows: Rows, original: Iterable[str],
     """
     groups = {"original": set(original), "new": set(new)}
     values: dict[Key, list[float]] = {}
-    for row in rows:
+    for item in rows:
+        row = item if isinstance(item, Mapping) else item.to_dict()  # ResultRow or its JSON
         lang, metric = row.get("lang"), str(row.get("metric", ""))
         if not lang or metric.endswith("_stderr") or row.get("value") is None:
             continue
@@ -266,7 +267,8 @@ def _record(cfg: RunConfig, run_dir: RunDir, tracking_uri: str, result: Reproduc
         "seeds": result.seeds,
         "runs": {str(k): v for k, v in result.runs.items()},
         "seconds": {str(k): round(v, 1) for k, v in result.seconds.items()},
-        "per_seed": per_seed,
+        "per_seed": [{variant: [r if isinstance(r, Mapping) else r.to_dict() for r in rows]
+                      for variant, rows in seed.items()} for seed in per_seed],
         "aggregate": {variant: [{"task": t, "metric": m, "group": g, "mean": c.mean,
                                  "std": c.std, "n": c.n} for (t, m, g), c in sorted(cells.items())]
                       for variant, cells in result.aggregate.items()},

@@ -72,6 +72,8 @@ def _heatmap(matrix: list[list[float]], rows: Sequence[str], cols: Sequence[str]
     ax.set_yticks(range(len(rows)), rows, fontsize=7)
     for i, line in enumerate(matrix):
         for j, value in enumerate(line):
+            if value != value:  # NaN: no such expert in this layer
+                continue
             ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6,
                     color="white" if value < 0.6 * vmax else "black")
     fig.colorbar(image, ax=ax)
@@ -91,6 +93,8 @@ def plot_routing(load: Mapping[int, Mapping[str, Sequence[float]]], title: str,
             rows.append(f"L{layer} {lang}")
             matrix.append(list(shares))
     experts = max((len(m) for m in matrix), default=0)
+    # LayerMoE gives layers different expert counts: the missing experts are blank cells
+    matrix = [m + [float("nan")] * (experts - len(m)) for m in matrix]
     return _heatmap(matrix, rows, [f"e{e}" for e in range(experts)], title, path)
 
 
