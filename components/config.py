@@ -384,6 +384,9 @@ class WorldConfig(_Section):
     post_steps: int = Field(150, ge=1, description=(
         "supervised fine-tuning steps that make the post-trained sibling (models/post) on the "
         "original languages' instruction data"))
+    post_lr: float = Field(3e-4, gt=0.0, description=(
+        "peak learning rate of that fine-tuning (train.lr is for continued pre-training; "
+        "post-training takes a smaller one, as real instruct models do)"))
 
 
 class RunConfig(_Section):

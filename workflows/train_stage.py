@@ -197,4 +197,5 @@ def ensure_post(cfg: RunConfig, run_dir: RunDir,
                          "has no world section (its post model is models.post)")
     base = base_model_dir(cfg, run_dir)
     data = ensure_sft_data(cfg, run_dir, base)
-    return _train(cfg, run_dir, "post", base, data, "sft", logger, steps=cfg.world.post_steps)
+    sft = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": cfg.world.post_lr})})
+    return _train(sft, run_dir, "post", base, data, "sft", logger, steps=cfg.world.post_steps)
