@@ -25,10 +25,6 @@ class UserError(click.ClickException):
 
     exit_code = 2
 
-_PENDING = {
-}
-
-
 def _setup_logging(verbose: bool) -> None:
     from rich.logging import RichHandler
 
@@ -892,25 +888,6 @@ def sweep_command(config: Path, language_sets: tuple[str, ...], from_stage: str 
     click.echo(f"\n## sweep of {cfg.run_name}: {len(runs)} runs\n{sweep_summary(runs)}")
     if any(run.error for run in runs):
         sys.exit(1)
-
-
-# ----------------------------------------------------------------------------- later stages
-
-
-def _pending(name: str, what: str) -> click.Command:
-    @click.command(name, context_settings={"ignore_unknown_options": True,
-                                           "allow_extra_args": True},
-                   help=f"{what[0].upper()}{what[1:]}. Not available yet.")
-    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-    def command(args: tuple[str, ...]) -> None:
-        click.echo(f"deltamoe {name}: {what} is not available yet in this version.", err=True)
-        sys.exit(2)
-
-    return command
-
-
-for _name, _what in _PENDING.items():
-    cli.add_command(_pending(_name, _what))
 
 
 def main() -> None:
