@@ -72,7 +72,7 @@ def _check_columns(source: DataSource, fs: fsspec.AbstractFileSystem, first: str
         with fs.open(first, "rb") as handle:
             names = pq.read_schema(handle).names
     else:
-        names = []
+        names = None
         with fs.open(first, "rb") as handle:
             for raw in handle:
                 if raw.strip():
@@ -83,6 +83,8 @@ def _check_columns(source: DataSource, fs: fsspec.AbstractFileSystem, first: str
                                         f"({err})") from None
                     names = list(row) if isinstance(row, dict) else []
                     break
+    if names is None:  # an empty jsonl file: nothing to check; an empty corpus is counted
+        return list(wanted)
     missing = [c for c in wanted if c not in names]
     if missing:
         raise DataError(f"source {source.name!r}: column {', '.join(map(repr, missing))} not "

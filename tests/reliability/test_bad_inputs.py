@@ -231,3 +231,63 @@ def test_missing_tokenizer(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     assert code == 2, text
     assert "tokenizer" in text.lower() and str(base) in text and "Traceback" not in text
     assert not (tmp_path / "runs" / "notok" / "data" / MANIFEST).exists()
+
+
+def _base_with_tokenizer(root: Path) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    base = _save(LlamaForCausalLM(LlamaConfig(**TINY)), root / "base")
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator(["habari ya asubuhi", "good morning friend"],
+                            trainers.BpeTrainer(vocab_size=90, special_tokens=["<unk>", "</s>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(base)
+    return base
+
+
+@pytest.mark.parametrize("case", ["empty_corpus", "non_utf8"])
+def test_data_stage_on_bad_text(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty corpus is one clear error naming the language; invalid UTF-8 bytes are replaced
+    and counted, never a crash."""
+    import ray
+    import yaml
+
+    base = _base_with_tokenizer(tmp_path)
+    good = "habari ya asubuhi rafiki yangu, leo tunasoma kitabu kipya pamoja sasa. "
+    swh, eng = tmp_path / "swh.jsonl", tmp_path / "eng.jsonl"
+    eng.write_text("".join(json.dumps({"text": f"good morning friend number {i}, we read a "
+                                                f"new book together today."}) + "\n"
+                           for i in range(30)))
+    if case == "empty_corpus":
+        swh.write_bytes(b"")
+    else:
+        swh.write_bytes(b"".join(b'{"text": "' + good.encode()[:20] + b"\xff" +
+                                 f"{good} {i}".encode() + b'"}\n' for i in range(30)))
+    raw = {"run_name": case, "models": {"base": str(base), "post": str(base)},
+           "languages": {"original": ["eng_Latn"], "new": ["swh_Latn"]},
+           "data": {"seq_len": 16, "sources": [
+               {"name": "e", "format": "jsonl", "path": str(eng), "languages": ["eng_Latn"]},
+               {"name": "s", "format": "jsonl", "path": str(swh), "languages": ["swh_Latn"]}]},
+           "storage": {"root": str(tmp_path / "runs")},
+           "tracking": {"uri": f"sqlite:///{tmp_path}/m.db"}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    try:
+        code, text = run_cli(["data", str(path)], capsys, monkeypatch)
+    finally:
+        ray.shutdown()
+    stage = tmp_path / "runs" / case / "data"
+    if case == "empty_corpus":
+        assert code == 2, text
+        assert "no documents left for swh_Latn" in text and "Traceback" not in text
+        assert not (stage / MANIFEST).exists()
+    else:
+        assert code == 0, text
+        stats = json.loads((stage / "stats.json").read_text())
+        assert stats["bad_utf8_documents"] == {"swh_Latn": 30}
+        assert stats["bad_utf8_replacements"] == {"swh_Latn": 30}
+        assert stats["documents_out"]["swh_Latn"] == 30
