@@ -510,8 +510,14 @@ def data_command(config: Path, overrides: tuple[str, ...]) -> None:
         from workflows.expand import init_ray
 
         load_tokenizer(tokenizer_dir(cfg, run_dir))  # named before Ray starts
-        init_ray(cfg)
-        return ensure_data(cfg, run_dir, logger)
+        owns_ray = init_ray(cfg)
+        try:
+            return ensure_data(cfg, run_dir, logger)
+        finally:
+            if owns_ray:
+                import ray
+
+                ray.shutdown()
 
     run_dir, manifest, built = _tracked(config, overrides, "data",
                                         (DataError, FileNotFoundError), build)

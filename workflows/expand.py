@@ -267,17 +267,19 @@ def select_stages(cfg: RunConfig, from_stage: str | None = None,
     return chosen
 
 
-def init_ray(cfg: RunConfig) -> None:
-    """Connect to the configured cluster (or start a local instance) once for every stage."""
+def init_ray(cfg: RunConfig) -> bool:
+    """Connect to the configured cluster (or start a local instance) once for every stage;
+    True when this call connected (the caller then owns the connection)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     address = cfg.resources.ray_address
     if address is None:
         ray.init(include_dashboard=False, log_to_driver=False)
     else:
         ray.init(address=address, log_to_driver=False)
+    return True
 
 
 def run_workflow(cfg: RunConfig, *, from_stage: str | None = None,
@@ -293,8 +295,9 @@ def run_workflow(cfg: RunConfig, *, from_stage: str | None = None,
     ctx = Context(cfg, run_dir, tracker)
     result = WorkflowResult(run_dir=run_dir.uri, tracking_uri=tracking_uri,
                             parent_run_id=tracker.parent_run_id)
+    owns_ray = False
     if any(s.name not in ("world", "upcycle", "evaluate", "report") for s in stages):
-        init_ray(cfg)
+        owns_ray = init_ray(cfg)
     try:
         for stage in stages:
             log.info("stage %s: %s", stage.name, stage.help)
@@ -306,6 +309,11 @@ def run_workflow(cfg: RunConfig, *, from_stage: str | None = None,
     except BaseException:
         tracker.finish(failed=True)
         raise
+    finally:
+        if owns_ray:  # a local instance this run started (or a connection it opened) ends here
+            import ray
+
+            ray.shutdown()
     tracker.finish()
     result.models = ctx.models
     result.report = ctx.report
