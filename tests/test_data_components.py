@@ -1,0 +1,286 @@
+"""The data stage's parts one at a time, without Ray: filters with per-language thresholds,
+exact and MinHash dedup, the mix arithmetic, lossless packing into shards, LID tagging/filtering,
+UTF-8 repair, jsonl parsing and unknown language tags. Each asserts exact counts or tokens."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pydantic import ValidationError
+
+from components.config import DataConfig, DataSource, FiltersConfig, MixConfig
+from components.data import DataError
+from components.data.dedup import (
+    MinHasher,
+    NearDuplicateIndex,
+    exact_hashes,
+    lsh_params,
+    normalize,
+)
+from components.data.filters import QualityFilter, duplicate_line_fraction, thresholds_for
+from components.data.lid import LanguageTagger, assign_languages, same_language
+from components.data.mix import mix_shares, plan_mix
+from components.data.pack import LanguageQuota, SequencePacker, ShardWriter, with_eos
+from components.data.readers import DOC_SCHEMA, _JsonLines, repair_utf8
+from components.data.tokenize import TokenizeBatch, token_lists
+
+# ----------------------------------------------------------------------------- filters
+
+
+def test_filters_first_failing_reason_and_per_language_override() -> None:
+    filters = FiltersConfig.model_validate({
+        "min_chars": 20, "max_chars": 200, "max_duplicate_line_fraction": 0.3,
+        "max_non_alpha_fraction": 0.5,
+        "per_language": {"zho_Hans": {"min_chars": 4}, "swh_Latn": {"max_chars": None}}})
+    assert thresholds_for(filters, "zho_Hans").min_chars == 4
+    assert thresholds_for(filters, "zho_Hans").max_chars == 200  # only what the override sets
+    assert thresholds_for(filters, "swh_Latn").max_chars is None
+    qf = QualityFilter(filters, ["eng_Latn", "zho_Hans", "swh_Latn"])
+    long = "neno " * 60
+    texts = ["short one", "这是中文句子", "a fine sentence of plain words here",
+             "menu\nmenu\nmenu\nhome page text", "12345 67890 !!! ??? 1234567 ### abc",
+             long, long, "x" * 10 + "1" * 15]
+    langs = ["eng_Latn", "zho_Hans", "eng_Latn", "eng_Latn", "eng_Latn", "eng_Latn",
+             "swh_Latn", "eng_Latn"]
+    reasons = qf.reasons(pa.array(texts), langs)
+    assert reasons == ["min_chars", "", "", "duplicate_lines", "non_alpha", "max_chars", "",
+                       "non_alpha"]
+    assert duplicate_line_fraction("a\nb\na\na") == pytest.approx(0.5)
+    assert duplicate_line_fraction("one line") == 0.0
+
+
+def test_filters_off_when_none() -> None:
+    filters = FiltersConfig.model_validate({"min_chars": None, "max_chars": None,
+                                            "max_duplicate_line_fraction": None,
+                                            "max_non_alpha_fraction": None})
+    qf = QualityFilter(filters, ["eng_Latn"])
+    assert qf.reasons(pa.array(["", "1", "a\na\na"]), ["eng_Latn"] * 3) == ["", "", ""]
+
+
+# ----------------------------------------------------------------------------- dedup
+
+
+def test_exact_hash_ignores_case_and_spacing_only() -> None:
+    texts = pa.array(["Hello  World\n", "hello world", "hello worlds", " HELLO\tWORLD"])
+    assert normalize(texts).to_pylist() == ["hello world"] * 2 + ["hello worlds",
+                                                                   "hello world"]
+    h = exact_hashes(texts).to_pylist()
+    assert h[0] == h[1] == h[3] != h[2]
+    assert all(len(x) == 16 for x in h)
+
+
+def _words(rng: random.Random, n: int) -> list[str]:
+    return [f"w{rng.randrange(5000)}" for _ in range(n)]
+
+
+def test_minhash_estimates_jaccard_and_index_finds_near_duplicates() -> None:
+    rng = random.Random(0)
+    hasher = MinHasher(num_perm=128, seed=3)
+    base = _words(rng, 200)
+    near = list(base)
+    near[100] = "changed"  # one word: 5 of 196 shingles differ on each side
+    other = _words(rng, 200)
+    sig = {k: hasher.signature(" ".join(v)) for k, v in
+           (("base", base), ("near", near), ("other", other))}
+    assert sig["base"].dtype == np.uint32 and sig["base"].shape == (128,)
+    # same seed, another instance (another Ray worker): the same signature
+    assert np.array_equal(MinHasher(128, seed=3).signature(" ".join(base)), sig["base"])
+    shingles = {k: set(hasher.shingles(" ".join(v)).tolist()) for k, v in
+                (("base", base), ("near", near))}
+    true_j = len(shingles["base"] & shingles["near"]) / len(shingles["base"] | shingles["near"])
+    est_j = float(np.mean(sig["base"] == sig["near"]))
+    assert abs(est_j - true_j) < 0.1, (est_j, true_j)
+    assert float(np.mean(sig["base"] == sig["other"])) < 0.05
+    index = NearDuplicateIndex(128, 0.8)
+    assert index.check_and_add(sig["base"]) is False
+    assert index.check_and_add(sig["other"]) is False
+    assert index.check_and_add(sig["near"]) is True  # dropped, not indexed
+    assert len(index.kept) == 2
+    column = hasher.signatures(pa.array([" ".join(base), " ".join(other)]))
+    assert np.array_equal(np.asarray(column[1].values), sig["other"])
+
+
+def test_lsh_params_fit_the_permutations() -> None:
+    bands, rows = lsh_params(0.8, 128)
+    assert bands * rows <= 128 and bands > 1 and rows > 1
+    # the S-curve passes near the threshold: high recall above, low hit rate well below
+    hit = lambda s: 1 - (1 - s ** rows) ** bands  # noqa: E731
+    assert hit(0.95) > 0.99 and hit(0.9) > 0.85 and hit(0.5) < 0.01
+
+
+# ----------------------------------------------------------------------------- mix
+
+
+def test_mix_shares_with_ratios_and_replay() -> None:
+    mix = MixConfig.model_validate({"ratios": {"swh_Latn": 3, "rus_Cyrl": 1},
+                                    "replay_ratio": 0.2})
+    shares = mix_shares(["eng_Latn", "deu_Latn", "swh_Latn", "rus_Cyrl"],
+                        ["eng_Latn", "deu_Latn"], mix)
+    assert shares == pytest.approx({"swh_Latn": 0.6, "rus_Cyrl": 0.2, "eng_Latn": 0.1,
+                                    "deu_Latn": 0.1})
+    bad = MixConfig.model_validate({"ratios": {"swh_Latn": 1.0}})
+    with pytest.raises(DataError, match="rus_Cyrl"):
+        mix_shares(["eng_Latn", "swh_Latn", "rus_Cyrl"], ["eng_Latn"], bad)
+
+
+def test_plan_mix_limited_by_scarcest_language_and_budget() -> None:
+    langs, orig = ["eng_Latn", "swh_Latn"], ["eng_Latn"]
+    mix = MixConfig.model_validate({"replay_ratio": 0.25})
+    # swh 3000 tokens at share 0.75 → total 4000 → eng gets 1000 of its 10000
+    plan = plan_mix({"eng_Latn": 10_000, "swh_Latn": 3000}, langs, orig, mix, seq_len=10)
+    assert plan.sequences == {"eng_Latn": 100, "swh_Latn": 300}
+    assert not plan.scaled_down
+    budget = MixConfig.model_validate({"replay_ratio": 0.25, "token_budget": 2000})
+    plan = plan_mix({"eng_Latn": 10_000, "swh_Latn": 3000}, langs, orig, budget, seq_len=10)
+    assert plan.requested == {"swh_Latn": 1500, "eng_Latn": 500}
+    assert plan.sequences == {"eng_Latn": 50, "swh_Latn": 150}
+    # a budget the data cannot fill: both scaled down, the proportions kept
+    big = MixConfig.model_validate({"replay_ratio": 0.25, "token_budget": 100_000})
+    plan = plan_mix({"eng_Latn": 10_000, "swh_Latn": 3000}, langs, orig, big, seq_len=10)
+    assert plan.scaled_down and plan.sequences == {"eng_Latn": 100, "swh_Latn": 300}
+    pinned = MixConfig.model_validate({"tokens_per_language": {"eng_Latn": 555}})
+    plan = plan_mix({"eng_Latn": 10_000, "swh_Latn": 3000}, langs, orig, pinned, seq_len=10)
+    assert plan.sequences == {"eng_Latn": 55, "swh_Latn": 300}
+
+
+# ----------------------------------------------------------------------------- pack
+
+
+def test_with_eos_and_token_lists() -> None:
+    column = token_lists([[5, 6, 7], [], [8]])
+    assert column.type == pa.list_(pa.int32())
+    flat, starts = with_eos(column.slice(0, 3), eos=0)
+    assert flat.tolist() == [5, 6, 7, 0, 0, 8, 0]
+    assert starts.tolist() == [0, 4, 5]
+    flat, starts = with_eos(column.slice(1, 2), eos=0)  # a sliced column keeps its offsets
+    assert flat.tolist() == [0, 8, 0] and starts.tolist() == [0, 1]
+
+
+def test_packer_is_lossless_never_mixes_languages_and_splits_head_tail(tmp_path) -> None:
+    fs = fsspec.filesystem("file")
+    writer = ShardWriter(fs, str(tmp_path), seq_len=4, rows_per_shard=3)
+    quotas = {"a": LanguageQuota(total=5, train=3, validation=1),
+              "b": LanguageQuota(total=2, train=2, validation=0)}
+    packer = SequencePacker(writer, 4, quotas, ["s0", "s1"])
+    stream_a = np.arange(1, 23, dtype=np.int32)  # 22 tokens: 5 sequences + 2 left over
+    for chunk, src in ((stream_a[:7], 0), (stream_a[7:15], 1), (stream_a[15:], 0)):
+        packer.add("a", chunk, np.full(len(chunk), src))
+    packer.add("b", np.arange(100, 109, dtype=np.int32), np.zeros(9, dtype=np.int64))
+    writer.close()
+    assert packer.leftover() == {"a": 2, "b": 1}
+
+    def read(split: str, lang: str) -> tuple[list[list[int]], list[str]]:
+        files = sorted((tmp_path / split).glob(f"{lang}-*.parquet"))
+        tables = [pq.read_table(f) for f in files]
+        rows = [r for t in tables for r in t.column("input_ids").to_pylist()]
+        assert {x for t in tables for x in t.column("lang").to_pylist()} <= {lang}
+        return rows, [s for t in tables for s in t.column("source").to_pylist()]
+
+    train_a, src_a = read("train", "a")
+    val_a, _ = read("validation", "a")
+    assert train_a == stream_a[:12].reshape(3, 4).tolist()  # sequences 0..2
+    assert val_a == [stream_a[16:20].tolist()]  # sequence 4 (the tail); 3 left out by the mix
+    assert src_a == ["s0", "s0", "s1"]  # the source of each sequence's first token
+    train_b, _ = read("train", "b")
+    assert train_b == [[100, 101, 102, 103], [104, 105, 106, 107]]
+    assert len(list((tmp_path / "train").glob("a-*.parquet"))) == 1  # 3 rows per shard
+    assert pq.read_schema(tmp_path / "train" / "a-00000.parquet").field(
+        "input_ids").type == pa.list_(pa.int32())
+
+
+# ----------------------------------------------------------------------------- readers, LID
+
+
+def test_repair_utf8_counts_replacements() -> None:
+    column = pa.array([b"ok", b"bad\xff\xfeend", None, "keep \ufffd".encode()], pa.binary())
+    texts, counts = repair_utf8(column)
+    assert texts.to_pylist() == ["ok", "bad\ufffd\ufffdend", "", "keep \ufffd"]
+    assert counts.tolist() == [0, 2, 0, 0]  # a replacement char already there is not one
+    valid, zero = repair_utf8(pa.array(["fine", None]))
+    assert valid.to_pylist() == ["fine", ""] and zero.tolist() == [0, 0]
+
+
+def test_jsonl_lines_unknown_labels_and_broken_lines_are_counted_drops() -> None:
+    source = DataSource.model_validate({"name": "j", "format": "jsonl", "path": "x",
+                                        "language_column": "lang"})
+    blob = b"\n".join([
+        json.dumps({"text": "habari", "lang": "sw"}).encode(),
+        json.dumps({"text": "hello", "lang": "en"}).encode(),
+        json.dumps({"text": "???", "lang": "xx_Fake"}).encode(),
+        b"{not json",
+        json.dumps({"body": "no text column on this line"}).encode(),
+        b"",
+        b'{"text": "caf\xe9 bad byte", "lang": "fr"}',
+    ])
+    table = _JsonLines(source, "")(pa.table({"bytes": pa.array([blob], pa.binary())}))
+    assert table.schema == DOC_SCHEMA
+    assert table.column("label").to_pylist() == ["swh_Latn", "eng_Latn", "?xx_Fake", "", "",
+                                                 "fra_Latn"]
+    assert table.column("drop").to_pylist() == ["", "", "unknown_language", "bad_json",
+                                                "no_text", ""]
+    assert table.column("bad_utf8").to_pylist() == [0, 0, 0, 0, 0, 1]
+    assert table.column("text").to_pylist()[-1] == "caf\ufffd bad byte"
+
+
+def test_unknown_language_tag_in_config_is_named() -> None:
+    with pytest.raises(ValidationError, match="unknown language tag 'xx_Fake'"):
+        DataConfig.model_validate({"sources": [{"name": "a", "format": "jsonl", "path": "p",
+                                                "languages": ["xx_Fake"]}]})
+    with pytest.raises(ValidationError, match="unknown language tag 'qq_Latn'"):
+        DataConfig.model_validate({"mix": {"ratios": {"qq_Latn": 1.0}}})
+
+
+def _docs(texts: list[str], labels: list[str]) -> pa.Table:
+    n = len(texts)
+    return pa.Table.from_arrays([pa.array(texts), pa.array(labels), pa.array(["s"] * n),
+                                 pa.array([0] * n, pa.int32()), pa.array([""] * n)],
+                                schema=DOC_SCHEMA)
+
+
+def test_assign_languages_filter_mode() -> None:
+    batch = _docs(["a", "b", "c", "d", "e"], ["swh_Latn", "swh_Latn", "eng_Latn", "tur_Latn", ""])
+    out = assign_languages(batch, ["swh_Latn", "eng_Latn", "eng_Latn", "tur_Latn", "swh_Latn"],
+                           np.array([0.9, 0.99, 0.4, 0.9, 0.8], np.float32),
+                           languages=["swh_Latn", "eng_Latn"], mode="filter", threshold=0.5,
+                           thresholds={"swh_Latn": 0.85})
+    assert out.column("lang").to_pylist() == ["swh_Latn", "swh_Latn", "eng_Latn", "tur_Latn",
+                                              "swh_Latn"]
+    assert out.column("drop").to_pylist() == ["", "lid_mismatch", "lid_low_score",
+                                              "not_run_language", "lid_low_score"]
+    tagged = assign_languages(batch, ["eng_Latn"] * 5, np.ones(5, np.float32),
+                              languages=["swh_Latn", "eng_Latn"], mode="tag", threshold=0.5,
+                              thresholds={})
+    assert tagged.column("drop").to_pylist() == ["", "", "", "not_run_language", ""]
+    assert tagged.column("lid").to_pylist() == ["eng_Latn"] * 5
+
+
+def test_py3langid_maps_codes_to_the_runs_tags() -> None:
+    assert same_language("srp_Cyrl", "srp_Latn") and not same_language("eng_Latn", "deu_Latn")
+    tagger = LanguageTagger("py3langid", ["swh_Latn", "eng_Latn", "deu_Latn"], "tag")
+    texts = ["The weather is lovely today and we are going to walk in the park together.",
+             "Das Wetter ist heute schön und wir gehen zusammen im Park spazieren.",
+             "Hali ya hewa ni nzuri leo na tutakwenda kutembea pamoja katika bustani.",
+             "Le temps est magnifique aujourd'hui et nous allons nous promener ensemble."]
+    out = tagger(_docs(texts, [""] * 4))
+    assert out.column("lid").to_pylist() == ["eng_Latn", "deu_Latn", "swh_Latn", "fra_Latn"]
+    assert out.column("drop").to_pylist() == ["", "", "", "not_run_language"]
+    assert all(0.0 <= s <= 1.0 for s in out.column("lid_score").to_pylist())
+
+
+def test_tokenize_batch_encodes_kept_documents_only(tmp_path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "hello": 1, "world": 2, "again": 3}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    batch = _docs(["hello world", "world again hello", "nope"], ["", "", ""])
+    batch = batch.set_column(4, "drop", pa.array(["", "", "min_chars"]))
+    out = TokenizeBatch(tok.to_str())(batch)
+    assert "text" not in out.column_names
+    assert out.column("input_ids").to_pylist() == [[1, 2], [2, 3, 1], []]
