@@ -167,6 +167,39 @@ def test_non_utf8_is_replaced_and_counted(world: Path, tmp_path: Path) -> None:
     assert result.documents_out == {"swh_Latn": 40}
 
 
+def test_plain_parquet_source_with_minhash_near_dedup(world: Path, tmp_path: Path) -> None:
+    """A plain parquet corpus (own text and language columns): exact copies (case/spacing
+    changed) and near copies (one word changed) go, each counted under its reason."""
+    import random
+
+    import pyarrow as pa
+
+    rng = random.Random(0)
+    words = pq.read_table(world / "corpora/fineweb2/data/swh_Latn/train",
+                          columns=["text"]).column("text").to_pylist()
+    vocab = sorted({w for t in words for w in t.split()})
+    docs = [" ".join(rng.choice(vocab) for _ in range(200)) for _ in range(30)]
+    exact = [d.upper().replace(" ", "  ") for d in docs[:2]]
+    near = []
+    for d in docs[2:7]:
+        tokens = d.split()
+        tokens[100] = "mabadiliko"  # Jaccard 191/201 of 5-gram shingles
+        near.append(" ".join(tokens))
+    texts = docs + exact + near
+    pq.write_table(pa.table({"body": texts, "code": ["sw"] * len(texts)}), tmp_path / "c.parquet")
+    cfg = DataConfig.model_validate({
+        "sources": [{"name": "p", "format": "parquet", "path": str(tmp_path / "c.parquet"),
+                     "text_column": "body", "language_column": "code"}],
+        "seq_len": 32, "validation_fraction": 0.0, "filters": {"max_non_alpha_fraction": None},
+        "dedup": {"minhash": True, "minhash_threshold": 0.8}})
+    result = prepare_data(cfg, ["swh_Latn"], [], world / "model", tmp_path / "out",
+                          progress=False)
+    assert result.documents_in == {"swh_Latn": 37}
+    assert result.dropped == {"swh_Latn": {"exact_duplicate": 2, "near_duplicate": 5}}
+    assert result.documents_out == {"swh_Latn": 30}
+    assert set(pq.read_table(tmp_path / "out" / "train").column("source").to_pylist()) == {"p"}
+
+
 @pytest.mark.parametrize(("case", "message"), [
     ("missing_path", r"source 'w': path .*nowhere does not exist"),
     ("missing_column", r"column 'body' not in .*parquet"),
