@@ -32,6 +32,11 @@ def _stage_model(run_dir: RunDir, stage: str, produced_by: str) -> Path:
     return path
 
 
+def default_target(method: str) -> str:
+    """The stage whose model ``method`` grafts onto: the CPT-MoE, or the CPT-dense model."""
+    return TARGET_STAGE["target_moe" if get_method(method).moe_target else "target_dense"]
+
+
 def graft_inputs(cfg: RunConfig, run_dir: RunDir, method: str,
                  target_stage: str | None = None) -> GraftInputs:
     """Base, post and target directories for ``method`` in this run (``target_stage`` overrides
@@ -41,8 +46,7 @@ def graft_inputs(cfg: RunConfig, run_dir: RunDir, method: str,
         post = Path(cfg.models.post).expanduser()
     else:
         post = _stage_model(run_dir, "models/post", "post-training the base: deltamoe train")
-    moe = get_method(method).moe_target
-    stage = target_stage or TARGET_STAGE["target_moe" if moe else "target_dense"]
+    stage = target_stage or default_target(method)
     target = _stage_model(run_dir, stage, "continued pre-training: deltamoe train")
     return GraftInputs(str(base), str(post), str(target))
 
@@ -64,10 +68,11 @@ def ensure_grafted(cfg: RunConfig, run_dir: RunDir, method: str | None = None,
     options = graft_options(cfg, method)
     inputs = graft_inputs(cfg, run_dir, options.method, target_stage)
     stage = run_dir.stage(f"models/{name or options.method}")
-    targets = [target_stage] if target_stage else list(TARGET_STAGE.values())
-    input_fps = [run_dir.stage(s).read_manifest() for s in targets]
+    # Only the model this method grafts onto: a stage built later (the CPT-dense model of the
+    # baselines) must not change the fingerprint, or a rerun would rebuild this graft.
+    target_fp = run_dir.stage(target_stage or default_target(options.method)).read_manifest()
     fp = fingerprint("graft", asdict(inputs), {**asdict(options), "workers": None},
-                     [m.fingerprint if m else None for m in input_fps])
+                     [target_fp.fingerprint if target_fp else None])
     if stage.is_complete(fp):
         manifest = stage.read_manifest()
         assert manifest is not None
