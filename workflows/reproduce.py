@@ -177,8 +177,9 @@ def render_markdown(cfg: RunConfig, result: ReproduceResult, command: str, readi
         "```",
         "",
         f"Seeds: {', '.join(map(str, result.seeds))} (each a replicate of the whole pipeline: "
-        f"world, base, post-training, CPT, graft). Wall time: {total / 60:.1f} min on this "
-        "machine. Scores are averaged over the original languages "
+        f"world, base, post-training, CPT, graft). Wall time of this invocation: {total / 60:.1f} "
+        "min (stages an earlier invocation finished are skipped, not rebuilt). Scores are "
+        "averaged over the original languages "
         f"({', '.join(cfg.languages.original)}) and the new ones "
         f"({', '.join(cfg.languages.new)}) per seed, then over seeds (± is the sample standard "
         "deviation). ↑ higher is better, ↓ lower is better.",
