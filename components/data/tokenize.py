@@ -9,6 +9,7 @@ special tokens here: the packer puts EOS between documents.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +58,8 @@ def token_lists(ids: list[list[int]]) -> pa.Array:
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
     offsets = np.zeros(len(ids) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    flat = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(offsets[-1]))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32,
+                       count=int(offsets[-1]))
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.int32()))
 
 
