@@ -152,15 +152,23 @@ class RaySession:
     def report(self, step: int, metrics: dict[str, float],
                write: Callable[[Path], None] | None) -> None:
         import ray.train
-        from ray.train import Checkpoint
+        from ray.train import Checkpoint, CheckpointUploadMode
 
         if write is None:
             ray.train.report(metrics)
             return
-        with tempfile.TemporaryDirectory(prefix="deltamoe-ckpt-") as tmp:
+        # Written locally, then copied to storage by Ray in the background (ASYNC) while the
+        # next steps run; Ray deletes the local copy once uploaded. A synchronous copy stalled
+        # every rank for the whole upload at each checkpoint.
+        tmp = tempfile.mkdtemp(prefix="deltamoe-ckpt-")
+        try:
             write(Path(tmp))
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=checkpoint_name(step))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=checkpoint_name(step),
+                         checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
 
     def progress(self, data: dict[str, Any]) -> None:
         if self.rank == 0:
