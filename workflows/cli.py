@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -701,17 +703,26 @@ def submit_command(config: Path, address: str, wait: bool, slot: str | None,
         click.echo(f"follow: deltamoe logs {sub.submission_id} --address {address}")
 
 
+@contextmanager
+def _submit_errors() -> Iterator[None]:
+    """A job-server failure as the CLI's one-line user error."""
+    from workflows.submit import SubmitError
+
+    try:
+        yield
+    except SubmitError as err:
+        raise UserError(str(err)) from None
+
+
 @cli.command("status")
 @click.argument("submission_id")
 @_address_option
 def status_command(submission_id: str, address: str) -> None:
     """Status of a submitted job."""
-    from workflows.submit import SubmitError, job_status
+    from workflows.submit import job_status
 
-    try:
+    with _submit_errors():
         info = job_status(_client(address), submission_id)
-    except SubmitError as err:
-        raise UserError(str(err)) from None
     status = getattr(info.status, "value", info.status)
     click.echo(f"{submission_id}: {status}" + (f" ({info.message})" if info.message else ""))
     click.echo(f"entrypoint: {info.entrypoint}")
@@ -723,16 +734,14 @@ def status_command(submission_id: str, address: str) -> None:
 @click.option("--follow", "-f", is_flag=True, help="Stream until the job ends.")
 def logs_command(submission_id: str, address: str, follow: bool) -> None:
     """Logs of a submitted job."""
-    from workflows.submit import SubmitError, job_logs
+    from workflows.submit import job_logs
 
     client = _client(address)
-    try:
+    with _submit_errors():
         if follow:
             _finish_wait(client, submission_id)
         else:
             click.echo(job_logs(client, submission_id), nl=False)
-    except SubmitError as err:
-        raise UserError(str(err)) from None
 
 
 @cli.command("stop")
@@ -740,12 +749,10 @@ def logs_command(submission_id: str, address: str, follow: bool) -> None:
 @_address_option
 def stop_command(submission_id: str, address: str) -> None:
     """Stop a submitted job."""
-    from workflows.submit import SubmitError, stop_job
+    from workflows.submit import stop_job
 
-    try:
+    with _submit_errors():
         stopped = stop_job(_client(address), submission_id)
-    except SubmitError as err:
-        raise UserError(str(err)) from None
     click.echo(f"{submission_id}: " + ("stop requested" if stopped else "already ended"))
 
 

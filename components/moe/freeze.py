@@ -71,9 +71,9 @@ def _zero_anchor_grad(grad: torch.Tensor) -> torch.Tensor:
     return grad
 
 
-def freeze(model: nn.Module, anchor_expert: bool = True, shared: bool = True) -> Freezer:
-    """Set ``requires_grad`` by role and guard fused anchors; routers always train."""
-    freezer = Freezer(model)
+def set_requires_grad(model: nn.Module, anchor_expert: bool = True, shared: bool = True) -> None:
+    """``requires_grad`` by role: shared weights and per-expert anchors frozen as asked, every
+    other parameter (routers, new experts, fused expert tensors) trains."""
     for name, param in model.named_parameters():
         kind = role(name)
         if kind == "shared":
@@ -82,7 +82,14 @@ def freeze(model: nn.Module, anchor_expert: bool = True, shared: bool = True) ->
             param.requires_grad_(not anchor_expert)
         else:
             param.requires_grad_(True)
-            if kind == "fused_experts" and anchor_expert:
-                freezer.fused_anchors.append((param, param[0].detach().clone()))
-                freezer.hooks.append(param.register_hook(_zero_anchor_grad))
+
+
+def freeze(model: nn.Module, anchor_expert: bool = True, shared: bool = True) -> Freezer:
+    """Set ``requires_grad`` by role and guard fused anchors; routers always train."""
+    freezer = Freezer(model)
+    set_requires_grad(model, anchor_expert, shared)
+    for name, param in model.named_parameters():
+        if role(name) == "fused_experts" and anchor_expert:
+            freezer.fused_anchors.append((param, param[0].detach().clone()))
+            freezer.hooks.append(param.register_hook(_zero_anchor_grad))
     return freezer

@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from components.moe.freeze import role
+from components.moe.freeze import role, set_requires_grad
 
 
 @dataclass(frozen=True)
@@ -60,17 +60,10 @@ def saved_dtype(model_dir: str | Path) -> torch.dtype:
 def set_trainable(model: nn.Module, mode: str, freeze_anchor: bool, freeze_shared: bool) -> None:
     """``requires_grad`` by role: in ``cpt_moe`` the shared weights and the anchor expert as
     configured (routers always train); in every dense mode, everything trains."""
-    for name, param in model.named_parameters():
-        if mode != "cpt_moe":
-            param.requires_grad_(True)
-            continue
-        kind = role(name)
-        if kind == "shared":
-            param.requires_grad_(not freeze_shared)
-        elif kind == "anchor":
-            param.requires_grad_(not freeze_anchor)
-        else:
-            param.requires_grad_(True)
+    if mode == "cpt_moe":
+        set_requires_grad(model, freeze_anchor, freeze_shared)
+    else:
+        model.requires_grad_(True)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
