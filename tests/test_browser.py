@@ -7,18 +7,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import struct
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 from report_fixtures import NEW, ORIGINAL, SCORES, log_run, make_config
+from servers import stop_group, wait_http
 
 from dashboards.report import build_report
 
@@ -58,25 +56,10 @@ def tracked(tmp_path_factory: pytest.TempPathFactory):
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start: {(tmp / 'server.log').read_text()}")
-            time.sleep(1)
+        wait_http(f"{base}/health", server, tmp / "server.log", "mlflow server")
         yield base, tracker.experiment_id, run.info.run_id, report
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=30)
+        stop_group(server)
         log.close()
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from servers import stop_group, wait_http
 
 from workflows.cli import DEMO_CONFIG
 
@@ -61,24 +61,10 @@ def ray_head():
                             start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{address}/api/version", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"ray head did not start: {(Path(temp) / 'head.log').read_text()}")
-            time.sleep(1)
+        wait_http(f"{address}/api/version", proc, Path(temp) / "head.log", "ray head")
         yield address, f"http://127.0.0.1:{metrics}/metrics"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc)
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
 
