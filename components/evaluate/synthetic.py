@@ -32,9 +32,13 @@ def _data(path: Path) -> dict[str, Any]:
             "test_split": "test"}
 
 
+def _user_turn(doc: dict[str, Any]) -> str:
+    return doc["messages"][0]["content"]
+
+
 def lm_task(name: str, path: Path) -> dict[str, Any]:
     return {"task": name, **_data(path), "output_type": "loglikelihood_rolling",
-            "doc_to_text": "", "doc_to_target": "{{text}}",
+            "doc_to_text": "", "doc_to_target": "text",
             "metric_list": [{"metric": m, "aggregation": agg, "higher_is_better": False}
                             for m, agg in (("bits_per_byte", "bits_per_byte"),
                                            ("word_perplexity", "weighted_perplexity"),
@@ -45,9 +49,9 @@ def lm_task(name: str, path: Path) -> dict[str, Any]:
 def _instruct(name: str, path: Path, max_gen_tokens: int, chat_template: bool) -> dict[str, Any]:
     # With a chat template lm-eval renders the user turn itself (HFLM.apply_chat_template); a
     # tokenizer without one gets the world's own ChatML rendering, stored in ``text``.
-    prompt = "{{messages[0].content}}" if chat_template else "{{text}}"
+    prompt = _user_turn if chat_template else "text"
     return {"task": name, **_data(path), "output_type": "generate_until",
-            "doc_to_text": prompt, "doc_to_target": "{{answer}}", "target_delimiter": "",
+            "doc_to_text": prompt, "doc_to_target": "answer", "target_delimiter": "",
             "generation_kwargs": {"until": list(_STOP), "do_sample": False,
                                   "max_gen_toks": max_gen_tokens},
             "filter_list": [{"name": "strip", "filter": [{"function": "remove_whitespace"},
@@ -61,8 +65,8 @@ def _instruct(name: str, path: Path, max_gen_tokens: int, chat_template: bool) -
 def _mc(name: str, path: Path) -> dict[str, Any]:
     # choices carry their own leading space (" Doransi."), so no delimiter is added
     return {"task": name, **_data(path), "output_type": "multiple_choice",
-            "doc_to_text": "{{query}}", "doc_to_choice": "{{choices}}",
-            "doc_to_target": "{{gold}}", "target_delimiter": "",
+            "doc_to_text": "query", "doc_to_choice": "choices",
+            "doc_to_target": "gold", "target_delimiter": "",
             "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
                             {"metric": "acc_norm", "aggregation": "mean",
                              "higher_is_better": True}],
