@@ -7,7 +7,9 @@
   registered YAML is loaded and, with a data directory, its dataset is replaced by local files:
   ``<data_dir>/<task name>/<split>.{jsonl,json,parquet}`` for every split the task reads, in the
   hub dataset's own columns. Groups (Global-MMLU) are expanded to their leaf tasks, all reading
-  the group's folder, and averaged back by size.
+  the group's folder, and averaged back by size. A column that is null in every row of a split
+  (MGSM's test answers) needs parquet, which keeps its type: from JSON the ``datasets`` loader
+  infers a null column and refuses the other splits' values.
 - ``flores``: the project's FLORES-200 translation task (``tasks/flores200.yaml``), into and out
   of each language from a pivot (the first original language), chrF and BLEU through sacrebleu.
 - ``perplexity``: held-out text per language, ``<data_dir>/perplexity/<tag>.{jsonl,parquet}``
