@@ -3,8 +3,11 @@
 Rows hold ``input_ids`` (fixed length), ``lang`` and, for SFT, ``labels`` (-100 where no loss).
 Both paths yield the same numpy batches, turned into tensors by :func:`collate`; an epoch that
 ends starts the next one, so a run takes exactly its planned number of steps whatever the data
-size. (After a restart the stream starts a fresh epoch: the sampler position is not part of a
-checkpoint.)
+size. A resumed run passes ``skip`` (the micro batches its checkpoint already consumed), so it
+continues at the same position of the same epoch instead of starting a fresh one: the local
+stream is a pure function of (seed, epoch), so an interrupted and resumed run sees exactly the
+batches an uninterrupted one would; a Ray Data shard resumes at the same count within its epoch
+(which rows a shard yields in which order is Ray's).
 """
 
 from __future__ import annotations
@@ -93,34 +96,47 @@ def _read(paths: Sequence[str]) -> pa.Table:
 
 
 def local_batches(paths: Sequence[str], batch_size: int, languages: Sequence[str], seed: int,
-                  rank: int = 0, world: int = 1) -> Iterator[Batch]:
-    """Endless shuffled batches of this rank's rows (rows ``rank::world``), epoch after epoch."""
+                  rank: int = 0, world: int = 1, skip: int = 0) -> Iterator[Batch]:
+    """Endless shuffled batches of this rank's rows (rows ``rank::world``), epoch after epoch,
+    starting after the first ``skip`` batches (computed, not read: resuming deep into a long run
+    costs nothing)."""
     table = _read(paths)
     rows = np.arange(table.num_rows)[rank::world]
     if len(rows) < batch_size:
         raise TrainError(f"{len(rows)} training rows per worker is less than one micro batch "
                          f"({batch_size}); lower train.micro_batch_size or add data")
-    epoch = 0
+    per_epoch = len(rows) // batch_size
+    epoch, first = divmod(max(skip, 0), per_epoch)
     while True:
         order = np.random.default_rng([seed, epoch]).permutation(rows)
-        for start in range(0, len(order) - batch_size + 1, batch_size):
+        for start in range(first * batch_size, per_epoch * batch_size, batch_size):
             chunk = table.take(order[start:start + batch_size])
             yield collate({c: chunk.column(c).to_numpy(zero_copy_only=False)
                            for c in chunk.column_names}, languages)
-        epoch += 1
+        epoch, first = epoch + 1, 0
 
 
-def ray_batches(shard: object, batch_size: int, languages: Sequence[str]) -> Iterator[Batch]:
-    """Endless batches from a Ray Data shard (``ray.train.get_dataset_shard``)."""
+def ray_batches(shard: object, batch_size: int, languages: Sequence[str],
+                skip: int = 0) -> Iterator[Batch]:
+    """Endless batches from a Ray Data shard (``ray.train.get_dataset_shard``), starting after
+    the first ``skip``: the batches of the resumed epoch are read and dropped, whole epochs
+    before it are counted off once the first pass has told how many batches an epoch holds."""
+    per_epoch: int | None = None
     while True:
         produced = 0
         for rows in shard.iter_batches(batch_size=batch_size,  # type: ignore[attr-defined]
                                        batch_format="numpy", drop_last=True):
             produced += 1
+            if skip > 0:
+                skip -= 1
+                continue
             yield collate(rows, languages)
         if produced == 0:
             raise TrainError("this worker's data shard holds less than one micro batch; lower "
                              "train.micro_batch_size or resources.num_workers, or add data")
+        if per_epoch is None and skip > 0:
+            per_epoch = produced
+            skip %= per_epoch
 
 
 def validation_batches(paths: Sequence[str], batch_size: int, languages: Sequence[str],

@@ -5,7 +5,8 @@ cross-entropy (+ ``balance_coef`` × load balancing + ``lpr_coef`` × language-p
 an MoE), anchor rows of fused experts zeroed, gradients clipped, AdamW over the trainable
 parameters only (frozen ones get no gradient and no optimizer state), fused anchors restored,
 cosine LR. Every ``checkpoint_every`` steps (and at the end) a DCP checkpoint is reported; a
-restarted worker, or a rerun of the same run name, resumes from the newest one. With
+restarted worker, or a rerun of the same run name, resumes from the newest one, its data stream
+included (the checkpoint counts the micro batches consumed). With
 ``train.review.enabled`` an MoE run ends with a router-only phase (MoE-LPR's review: only the
 routers in the optimizer, LPR with ``review.lpr_coef``) counted after the main steps.
 """
@@ -242,7 +243,9 @@ class Worker:
                 self.logger.log_metrics(initial, step=0)
         else:
             log.info("resuming at step %d of %d", start, total)
-        batches = session.batches(cfg.micro_batch_size, self.languages)
+        # the stream resumes where the checkpoint left it: a restart does not re-read an epoch
+        consumed = int(state.get("micro_batches", start * cfg.grad_accum)) if state else 0
+        batches = session.batches(cfg.micro_batch_size, self.languages, skip=consumed)
         pending, window, window_start, norm = 0, 0.0, time.perf_counter(), 0.0
         loop_start = time.perf_counter()  # the loop's wall time, setup and first validation out
         for step in range(start, total):
@@ -279,6 +282,7 @@ class Worker:
                           **{k: v for k, v in metrics.items() if k.startswith("train/loss")}}
                 session.report(done, report, self.save(done, tokens, {
                     "initial": initial, "final": final, "counts": counts,
+                    "micro_batches": done * cfg.grad_accum,
                     "step_seconds": step_seconds + time.perf_counter() - loop_start}))
             if spec.fail_at_step == done and session.rank == session.world_size - 1:
                 _inject_fault(spec, done)

@@ -81,9 +81,10 @@ class InlineSession:
 
             dist.barrier()
 
-    def batches(self, batch_size: int, languages: Sequence[str]) -> Iterator[Batch]:
+    def batches(self, batch_size: int, languages: Sequence[str],
+                skip: int = 0) -> Iterator[Batch]:
         return local_batches(self.train_paths, batch_size, languages, self.seed,
-                             rank=self.rank, world=self.world_size)
+                             rank=self.rank, world=self.world_size, skip=skip)
 
     def checkpoints(self) -> list[Path]:
         if not self.run_dir.exists():
@@ -130,10 +131,11 @@ class RaySession:
         self.run_dir = Path(run_dir)
         self.attempt = 1
 
-    def batches(self, batch_size: int, languages: Sequence[str]) -> Iterator[Batch]:
+    def batches(self, batch_size: int, languages: Sequence[str],
+                skip: int = 0) -> Iterator[Batch]:
         import ray.train
 
-        return ray_batches(ray.train.get_dataset_shard("train"), batch_size, languages)
+        return ray_batches(ray.train.get_dataset_shard("train"), batch_size, languages, skip)
 
     @contextmanager
     def _restore(self) -> Iterator[Path | None]:
