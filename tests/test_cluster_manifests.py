@@ -133,15 +133,18 @@ def test_runtime_env_pins_are_the_projects() -> None:
 
 
 def _ray_exported() -> set[str]:
-    """Names Ray 2.x exports to Prometheus: the node gauges of its reporter agent and the
-    Ray Train v2 controller and worker metrics, each with Ray's ``ray_`` prefix."""
+    """Names Ray 2.x exports to Prometheus: the node gauges of its reporter agent, the Ray
+    Train v2 controller and worker metrics and the project's training gauges, each with Ray's
+    ``ray_`` prefix."""
     from ray.dashboard.modules.reporter.reporter_agent import METRICS_GAUGES
     from ray.train.v2._internal.metrics.controller import ControllerMetrics
     from ray.train.v2._internal.metrics.worker import WorkerMetrics
 
+    from components.train.prometheus import METRICS
+
     train = {v for cls in (ControllerMetrics, WorkerMetrics) for k, v in vars(cls).items()
              if k.isupper() and isinstance(v, str) and not k.endswith("_TAG_KEY")}
-    return {f"ray_{n}" for n in (*METRICS_GAUGES, *train)}
+    return {f"ray_{n}" for n in (*METRICS_GAUGES, *train, *METRICS)}
 
 
 def test_grafana_dashboard_queries_metrics_ray_exports() -> None:
@@ -153,4 +156,5 @@ def test_grafana_dashboard_queries_metrics_ray_exports() -> None:
     names = dashboard_metrics()
     assert names <= _ray_exported(), sorted(names - _ray_exported())
     assert {"ray_train_controller_state", "ray_train_report_total_blocked_time_s",
-            "ray_node_gpus_utilization", "ray_node_gram_used"} <= names
+            "ray_node_gpus_utilization", "ray_node_gram_used", "ray_deltamoe_train_loss",
+            "ray_deltamoe_train_tokens_per_second"} <= names

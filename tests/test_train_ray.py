@@ -1,10 +1,14 @@
 """Acceptance of the train component on Ray Train: 2 CPU workers sharding the MoE with FSDP2 on
 gloo. One run of 50 steps with a worker failing once at step 30 (resumes from the step-25
 checkpoint, one continuous MLflow run, new language's validation loss falls, frozen tensors
-bit-identical); one run killed outright and re-run (resumes from its last checkpoint)."""
+bit-identical, live figures on Ray's Prometheus endpoint); one run killed outright and re-run
+(resumes from its last checkpoint)."""
 
 from __future__ import annotations
 
+import socket
+import threading
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -27,9 +31,40 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     world = build_world(root)
     data = pack(world, [*ORIGINAL, *NEW], root / "data", rows_per_lang=48)
     moe = upcycle_world(world, root / "moe")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield {"root": root, "data": data, "moe": moe}
+    with socket.socket() as sock:  # a free loopback port for the node's metrics endpoint
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _metrics_export_port=port, _system_config={"metrics_report_interval_ms": 1000})
+    yield {"root": root, "data": data, "moe": moe, "metrics_port": port}
     ray.shutdown()
+
+
+class _Scraper(threading.Thread):
+    """Reads Ray's Prometheus endpoint every half second while a run trains: name → labels →
+    the values seen, in order."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.url, self.seen = f"http://127.0.0.1:{port}/metrics", {}
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        while not self.done.wait(0.5):
+            try:
+                with urllib.request.urlopen(self.url, timeout=2) as r:
+                    text = r.read().decode()
+            except OSError:
+                continue
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name.startswith("ray_deltamoe_train_"):
+                        labels = tuple(sorted((k, v) for k, v in sample.labels.items()
+                                              if k in ("run", "mode", "lang")))
+                        self.seen.setdefault(sample.name, {}).setdefault(labels, []).append(
+                            sample.value)
 
 
 def _spec(inputs: dict[str, Path], name: str, **kw: object) -> TrainSpec:
@@ -54,7 +89,13 @@ def test_fault_restarts_from_checkpoint_and_training_works(inputs: dict[str, Pat
                         max_failures=1, log_every=5, lpr_coef=0.01)
     spec = _spec(inputs, "fault", train=train, tracking_uri=tracking, mlflow_run_id=run_id,
                  fail_at_step=30, fail_marker=str(root / "fault.marker"))
-    result = train_model(spec)
+    scraper = _Scraper(inputs["metrics_port"])
+    scraper.start()
+    try:
+        result = train_model(spec)
+    finally:
+        scraper.done.set()
+        scraper.join()
 
     assert (root / "fault.marker").read_text() == "30"  # the fault did fire
     assert result.steps == 50 and result.attempts == 2 and result.resumed_from == 25
@@ -85,6 +126,15 @@ def test_fault_restarts_from_checkpoint_and_training_works(inputs: dict[str, Pat
     # checkpoints kept: the last two
     kept = sorted(p.name for p in (root / "ckpt" / "fault").glob("checkpoint_0*"))
     assert kept == ["checkpoint_00000025", "checkpoint_00000050"]
+    # the live figures reached Prometheus while it trained (rank 0 only, so one series each)
+    run = (("mode", "cpt_moe"), ("run", "fault"))
+    steps = scraper.seen["ray_deltamoe_train_step"][run]
+    assert set(steps) <= set(range(5, 55, 5)) and max(steps) >= 20  # log steps, both attempts
+    progress = scraper.seen["ray_deltamoe_train_progress"][run]
+    assert all(0 < p <= 1 for p in progress)
+    assert min(scraper.seen["ray_deltamoe_train_tokens_per_second"][run]) > 0
+    swh_loss = scraper.seen["ray_deltamoe_train_loss"][(("lang", "swh_Latn"), *run)]
+    assert all(0 < v < 20 for v in swh_loss)
 
 
 def test_killed_job_resumes_when_rerun(inputs: dict[str, Path]) -> None:

@@ -30,6 +30,7 @@ from components.train import checkpoint as ckpt
 from components.train.data import IGNORE, Batch, validation_batches
 from components.train.fsdp import AnchorGuard, build_sharded, device_mesh, placement
 from components.train.metrics import LossMeter, RouterMeter
+from components.train.prometheus import TrainGauges
 from components.train.schedule import lr_factor
 from components.train.session import record_start
 from components.train.spec import TrainError, TrainSpec
@@ -78,6 +79,8 @@ class Worker:
 
             self.logger = RankZeroLogger(spec.tracking_uri, spec.mlflow_run_id,
                                          rank=session.rank)
+        # live figures for Prometheus/Grafana under Ray; rank 0's cover every rank's tokens
+        self.gauges = TrainGauges(spec.run_name, spec.mode) if session.rank == 0 else None
         self.phase = "main"
         self.optimizer = self._optimizer("main")
 
@@ -270,6 +273,8 @@ class Worker:
                 window, window_start = 0.0, time.perf_counter()
                 if self.logger is not None:
                     self.logger.log_metrics(metrics, step=done)
+                if self.gauges is not None:
+                    self.gauges.update(done, total, metrics)
                 session.progress({"step": done, "total": total,
                                   "loss": metrics.get("train/loss")})
             final = {}
