@@ -27,7 +27,7 @@ from components.data.filters import QualityFilter, duplicate_line_fraction, thre
 from components.data.lid import LanguageTagger, assign_languages, same_language
 from components.data.mix import mix_shares, plan_mix
 from components.data.pack import LanguageQuota, SequencePacker, ShardWriter, with_eos
-from components.data.readers import DOC_SCHEMA, _JsonLines, repair_utf8
+from components.data.readers import DOC_SCHEMA, _JsonLines, repair_utf8, resolve_source
 from components.data.tokenize import TokenizeBatch, token_lists
 
 # ----------------------------------------------------------------------------- filters
@@ -284,3 +284,31 @@ def test_tokenize_batch_encodes_kept_documents_only(tmp_path) -> None:
     out = TokenizeBatch(tok.to_str())(batch)
     assert "text" not in out.column_names
     assert out.column("input_ids").to_pylist() == [[1, 2], [2, 3, 1], []]
+
+
+def test_source_versions_change_with_the_bytes_not_with_a_reread(tmp_path) -> None:
+    """The data stage's fingerprint sees a corpus edited in place to the same size (it listed
+    names and sizes only before); reading it again changes nothing."""
+    import os
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    doc = corpus / "a.jsonl"
+    doc.write_text(json.dumps({"text": "Habari ya asubuhi."}) + "\n")
+    os.utime(doc, ns=(1_700_000_000_000_000_000,) * 2)
+    source = DataSource(name="c", format="jsonl", path=str(corpus), languages=["swh_Latn"])
+    first = resolve_source(source, ["swh_Latn"]).versions()
+    assert first == resolve_source(source, ["swh_Latn"]).versions()
+    assert [(p.rsplit("/", 1)[1], size) for p, size, _ in first] == [("a.jsonl", 31)]
+    doc.write_text(json.dumps({"text": "Habari ya jioni!!!"}) + "\n")  # same size
+    os.utime(doc, ns=(1_700_000_100_000_000_000,) * 2)
+    second = resolve_source(source, ["swh_Latn"]).versions()
+    assert second[0][1] == first[0][1] and second[0][2] != first[0][2]
+
+    fs = fsspec.filesystem("memory")  # a store without mtimes: its own version key
+    fs.pipe("/versions-test/b.jsonl", b'{"text": "Jambo"}\n')
+    remote = DataSource(name="m", format="jsonl", path="memory://versions-test",
+                        languages=["swh_Latn"])
+    (path, size, version), = resolve_source(remote, ["swh_Latn"]).versions()
+    assert path.endswith("b.jsonl") and size == 18 and version != "None"
+    fs.rm("/versions-test", recursive=True)

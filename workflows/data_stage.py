@@ -48,13 +48,11 @@ def _tokenizer_identity(path: Path) -> str:
 
 
 def _sources_identity(data: DataConfig, languages: list[str], run_dir: RunDir) -> list[Any]:
-    """Names and sizes of every input file (cheap; a changed corpus means new shards)."""
+    """Name, size and version (content tag or modification time) of every input file: cheap,
+    and a changed corpus means new shards."""
     local = str(run_dir.local_path) if run_dir.local_path is not None else run_dir.uri
-    out = []
-    for source in data.sources:
-        plan = resolve_source(source, languages, local)
-        out.append([source.name, [[f, plan.fs.size(f)] for f in plan.files]])
-    return out
+    return [[source.name, resolve_source(source, languages, local).versions()]
+            for source in data.sources]
 
 
 def _ensure(cfg: RunConfig, run_dir: RunDir, stage_name: str, languages: list[str],

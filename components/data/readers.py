@@ -38,6 +38,11 @@ UNKNOWN_LANGUAGE = "unknown_language"
 _REPLACEMENT = "\ufffd"
 
 
+# fsspec ``info`` keys that change when a file's bytes do, most specific first
+_VERSION_KEYS = ("ETag", "etag", "md5Hash", "content_md5", "mtime", "LastModified",
+                 "last_modified", "updated", "created")
+
+
 @dataclass
 class SourceFiles:
     """One source resolved to files: what to read and how to label what is read."""
@@ -48,6 +53,17 @@ class SourceFiles:
     files: list[str]
     languages: list[str]  # canonical tags this source is read for
     columns: list[str] = field(default_factory=list)  # projected columns
+
+    def versions(self) -> list[list[Any]]:
+        """``[file, size, version]`` per file without reading it: the store's content tag
+        (S3/GCS ETag or MD5) where it keeps one, else its modification time. A corpus edited in
+        place, even to the same size, gets new shards; an untouched one is reused."""
+        out: list[list[Any]] = []
+        for path in self.files:
+            info = self.fs.info(path)
+            version = next((info[k] for k in _VERSION_KEYS if info.get(k) is not None), None)
+            out.append([path, info.get("size"), str(version)])
+        return out
 
 
 def _fs_for(source: DataSource, run_dir: str | None) -> tuple[fsspec.AbstractFileSystem, str]:
