@@ -32,8 +32,6 @@ _PLAIN = {  # gauge name → (description, the loop's metric it shows)
     "learning_rate": ("Learning rate of the last optimizer step.", "train/lr"),
     "grad_norm": ("Gradient norm before clipping, last optimizer step.", "train/grad_norm"),
 }
-
-
 _STEP = {"step": "Optimizer steps done.",
          "progress": "Optimizer steps done over steps planned."}
 # every gauge's name as the project creates it (Prometheus shows it with Ray's ``ray_`` prefix)
@@ -68,10 +66,6 @@ class TrainGauges:
         except Exception as err:  # metrics are an aid: never the reason a run fails
             log.warning("Ray metrics unavailable, training goes on without them: %s", err)
             self.gauges = {}
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.gauges)
 
     def update(self, step: int, total: int, metrics: Mapping[str, float]) -> None:
         """Set every gauge from one log step's metrics (``train/loss``, ``train/loss/<lang>``,
