@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 from report_fixtures import NEW, ORIGINAL, SCORES, log_run, make_config
-from servers import stop_group, wait_http
+from servers import free_ports, stop_group, wait_http
 
 from dashboards.report import build_report
 
@@ -45,9 +44,7 @@ def tracked(tmp_path_factory: pytest.TempPathFactory):
     tracker.finish()
     client = MlflowClient(cfg.tracking.uri)
     run, = client.search_runs([tracker.experiment_id], filter_string="tags.variant = 'deltamoe'")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port, = free_ports(1)
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log = (tmp / "server.log").open("w")
     server = subprocess.Popen(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,21 +20,11 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-from servers import stop_group, wait_http
+from servers import free_ports, stop_group, wait_http
 
 from workflows.cli import DEMO_CONFIG
 
 BIN = Path(sys.executable).parent
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -46,7 +35,8 @@ def _env(**extra: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def ray_head():
     """(job server address, metrics URL) of a Ray head this module owns."""
-    gcs, dash, metrics, client, nm, om, rea, dag, dagg, wmin = _free_ports(10)
+    ports = free_ports(9 + 41)  # nine components, then the 41 worker ports
+    gcs, dash, metrics, client, nm, om, rea, dag, dagg, wmin = ports[:10]
     temp = tempfile.mkdtemp(prefix="rsub", dir="/tmp")
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
            f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",

@@ -6,7 +6,6 @@ bit-identical, live figures on Ray's Prometheus endpoint); one run killed outrig
 
 from __future__ import annotations
 
-import socket
 import threading
 import urllib.request
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow import MlflowClient
+from servers import free_ports
 from train_fixtures import NEW, ORIGINAL, build_world, pack, upcycle_world
 
 from components.config import TrainConfig
@@ -31,9 +31,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     world = build_world(root)
     data = pack(world, [*ORIGINAL, *NEW], root / "data", rows_per_lang=48)
     moe = upcycle_world(world, root / "moe")
-    with socket.socket() as sock:  # a free loopback port for the node's metrics endpoint
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port, = free_ports(1)  # for the node's metrics endpoint
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              _metrics_export_port=port, _system_config={"metrics_report_interval_ms": 1000})
     yield {"root": root, "data": data, "moe": moe, "metrics_port": port}
