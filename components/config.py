@@ -221,6 +221,10 @@ class DataConfig(_Section):
     validation_fraction: float = Field(0.02, ge=0.0, lt=0.5)
     tokenizer: str | None = Field(None, description="defaults to the base model's tokenizer")
     batch_size: int = Field(256, ge=1)
+    actors: int | None = Field(
+        None, ge=1, description="document operator actors (language ID, filters, hashes, "
+        "tokenizer); default one per cluster CPU, each encoding on one thread. Lower it when "
+        "the LID model is large (each actor loads it). Does not change the output.")
     lid: LIDConfig = LIDConfig()
     filters: FiltersConfig = FiltersConfig()
     dedup: DedupConfig = DedupConfig()

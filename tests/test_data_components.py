@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import unicodedata
 
 import fsspec
 import numpy as np
@@ -53,6 +54,33 @@ def test_filters_first_failing_reason_and_per_language_override() -> None:
                        "non_alpha"]
     assert duplicate_line_fraction("a\nb\na\na") == pytest.approx(0.5)
     assert duplicate_line_fraction("one line") == 0.0
+
+
+def _non_alpha_share(text: str) -> float:
+    """The filter's definition, one character at a time: characters that are neither letters,
+    marks nor whitespace, over the characters that are not whitespace (1 when there are none)."""
+    space = set("\t\n\f\r ")
+    nonspace = [c for c in text if c not in space]
+    other = [c for c in nonspace if unicodedata.category(c)[0] not in "LM"]
+    return len(other) / len(nonspace) if nonspace else 1.0
+
+
+def test_non_alpha_share_is_exact_across_scripts_and_whitespace() -> None:
+    """The Arrow kernels (one whitespace-collapsing pass shared with the dedup hash, then a
+    single-character count of the complement class) agree with a per-character count."""
+    texts = ["Hello, world! 42", "ภาษาไทย มีสระ ั ิ ่ และ ๑๒๓", "Привет,\tмир...\r\n\n 2024 г.",
+             "日本語のテキスト。数字１２３", "  a  ", "\n\n\t", "x\u00a0y\vz — «ok»", "ÅÄÖ åäö 😀😀",
+             "e\u0301te\u0301", "###", ""]
+    for text in texts:
+        share = _non_alpha_share(text)
+        for bound, expected in ((share - 1e-9, "non_alpha"), (min(share + 1e-9, 1.0), "")):
+            if bound < 0:
+                continue
+            filters = FiltersConfig.model_validate({
+                "min_chars": None, "max_chars": None, "max_duplicate_line_fraction": None,
+                "max_non_alpha_fraction": bound})
+            got, = QualityFilter(filters, ["eng_Latn"]).reasons(pa.array([text]), ["eng_Latn"])
+            assert got == expected, (text, share)
 
 
 def test_filters_off_when_none() -> None:

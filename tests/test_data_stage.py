@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
+import ray.data
 import yaml
 
 from components.config import DataConfig
@@ -79,13 +80,24 @@ def _rows(out: Path, split: str) -> dict[str, list[list[int]]]:
     return rows
 
 
-@pytest.mark.parametrize("fmt", ["fineweb2", "culturax"])
-def test_packing_is_lossless_and_planted_documents_are_removed(world: Path, tmp_path: Path,
-                                                                fmt: str) -> None:
+@pytest.mark.parametrize(("fmt", "block_bytes"), [("fineweb2", None), ("culturax", None),
+                                                   ("fineweb2", 4096)])
+def test_packing_is_lossless_and_planted_documents_are_removed(
+        world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str,
+        block_bytes: int | None) -> None:
     # every token pinned: all full sequences are written, so decoding must give back everything
-    cfg = _cfg(fmt, world, mix={"tokens_per_language": {t: 10**9 for t in LANGS}})
+    cfg = _cfg(fmt, world, mix={"tokens_per_language": {t: 10**9 for t in LANGS}},
+               batch_size=16)
+    if block_bytes:  # many small blocks through the actor pool: order must still hold
+        import components.data.pipeline as pipeline
+
+        monkeypatch.setattr(pipeline, "_BLOCK_BYTES", block_bytes)
+    driver = ray.data.DataContext.get_current()
+    before = (driver.execution_options.preserve_order, driver.target_max_block_size)
     out = tmp_path / "out"
     result = prepare_data(cfg, LANGS, ORIGINAL, world / "model", out, progress=False)
+    # the stage's Ray Data settings are its own: the driver's context is as it was
+    assert (driver.execution_options.preserve_order, driver.target_max_block_size) == before
     eos = json.loads((world / "model" / "config.json").read_text())["eos_token_id"]
     expected = _expected_streams(world, eos)
     train, validation = _rows(out, "train"), _rows(out, "validation")

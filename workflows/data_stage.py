@@ -63,7 +63,8 @@ def _ensure(cfg: RunConfig, run_dir: RunDir, stage_name: str, languages: list[st
     stage: StageDir = run_dir.stage(stage_name)
     data = cfg.data
     local = str(run_dir.local_path) if run_dir.local_path is not None else None
-    fp = fingerprint("data", data.model_dump(mode="json"), languages,
+    # `actors` only changes how fast the same shards are made
+    fp = fingerprint("data", data.model_dump(mode="json", exclude={"actors"}), languages,
                      list(cfg.languages.original), cfg.seed, _tokenizer_identity(tokenizer),
                      _sources_identity(data, languages, run_dir))
     if stage.is_complete(fp):

@@ -21,21 +21,29 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from components.data.textops import collapse_whitespace
+
 __all__ = ["MinHasher", "NearDuplicateIndex", "exact_hashes", "lsh_params", "normalize"]
 
 _SHINGLE = 5
 _MASK32 = np.uint64(0xFFFFFFFF)
 
 
-def normalize(texts: pa.Array) -> pa.Array:
-    """Lower case, whitespace runs → one space, trimmed (Arrow kernels, no Python loop)."""
-    lowered = pc.utf8_lower(texts)
-    return pc.utf8_trim_whitespace(pc.replace_substring_regex(lowered, r"\s+", " "))
+def normalize(texts: pa.Array, collapsed: pa.Array | None = None) -> pa.Array:
+    """Lower case, whitespace runs → one space, trimmed (Arrow kernels, no Python loop).
+
+    ``collapsed`` is :func:`collapse_whitespace` of ``texts`` when the caller already has it
+    (lower-casing never makes or removes whitespace, so the order does not matter)."""
+    if collapsed is None:
+        collapsed = collapse_whitespace(texts)
+    return pc.utf8_trim_whitespace(pc.utf8_lower(collapsed))
 
 
-def exact_hashes(texts: pa.Array) -> pa.Array:
-    """16-byte hash of each normalised text."""
-    norm = normalize(texts).cast(pa.binary()).to_pylist()
+def exact_hashes(texts: pa.Array, normalized: pa.Array | None = None) -> pa.Array:
+    """16-byte hash of each normalised text (``normalized``: :func:`normalize` of ``texts``)."""
+    if normalized is None:
+        normalized = normalize(texts)
+    norm = normalized.cast(pa.binary()).to_pylist()
     return pa.array([hashlib.blake2b(t, digest_size=16).digest() for t in norm],
                     pa.binary(16))
 
@@ -69,9 +77,9 @@ class MinHasher:
             hashed = (self.a[:, None] * keys[None, :] + self.b[:, None]) >> np.uint64(32)
         return (hashed & _MASK32).min(axis=1).astype(np.uint32)
 
-    def signatures(self, texts: pa.Array) -> pa.Array:
+    def signatures(self, texts: pa.Array, normalized: pa.Array | None = None) -> pa.Array:
         """A ``list<uint32>`` column of signatures for an Arrow text column."""
-        norm = normalize(texts).to_pylist()
+        norm = (normalize(texts) if normalized is None else normalized).to_pylist()
         flat = np.concatenate([self.signature(t) for t in norm]) if norm else \
             np.zeros(0, np.uint32)
         offsets = np.arange(len(norm) + 1, dtype=np.int32) * self.num_perm

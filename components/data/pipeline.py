@@ -5,7 +5,7 @@ Ray Data does the per-document work in parallel and streams the result back in c
 (``preserve_order``), because two decisions need one global, ordered view: a duplicate is every
 occurrence after the first, and a language's token stream is its documents in corpus order. The
 driver therefore makes two passes: the first drops duplicates and spools each language's kept
-token lists to a local parquet file (so memory follows one batch, not the corpus) while counting
+token lists to a local Arrow file (so memory follows one batch, not the corpus) while counting
 tokens; once every language's total is known the mix is planned, and the second pass packs each
 language's spool into fixed-length sequences (training head, validation tail).
 
@@ -30,16 +30,16 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from components.config import DataConfig
-from components.data.dedup import MinHasher, NearDuplicateIndex, exact_hashes
+from components.data.dedup import MinHasher, NearDuplicateIndex, exact_hashes, normalize
 from components.data.errors import DataError
 from components.data.filters import QualityFilter
 from components.data.lid import LanguageTagger
 from components.data.mix import plan_mix
 from components.data.pack import LanguageQuota, SequencePacker, ShardWriter, with_eos
 from components.data.readers import read_source, resolve_source
+from components.data.textops import collapse_whitespace
 from components.data.tokenize import TokenizeBatch, load_tokenizer
 
 __all__ = ["DataResult", "prepare_data"]
@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 STATS_FILE = "stats.json"
 EXACT_DUP, NEAR_DUP = "exact_duplicate", "near_duplicate"
 _SHARD_BYTES = 64 * 2**20
+_BLOCK_BYTES = 8 * 2**20
 
 
 @dataclass
@@ -124,46 +125,76 @@ class DocumentOps:
     """
 
     def __init__(self, data: DataConfig, languages: Sequence[str], tokenizer_json: str,
-                 seed: int) -> None:
+                 seed: int, tokenizer_threads: int | None = None) -> None:
         lid = data.lid
         self.tagger = LanguageTagger(lid.backend, languages, lid.mode, lid.threshold,
                                      dict(lid.thresholds), lid.model_path)
         self.filter = QualityFilter(data.filters, languages)
         self.exact = data.dedup.exact
         self.minhash = (MinHasher(data.dedup.num_perm, seed) if data.dedup.minhash else None)
-        self.tokenize = TokenizeBatch(tokenizer_json)
+        self.tokenize = TokenizeBatch(tokenizer_json, tokenizer_threads)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         batch = self.tagger(batch)
         texts = batch.column("text").combine_chunks()
+        collapsed = collapse_whitespace(texts)  # one regex pass for the filters and the hashes
         drops = batch.column("drop").to_pylist()
-        reasons = self.filter.reasons(texts, batch.column("lang").to_pylist())
+        reasons = self.filter.reasons(texts, batch.column("lang").to_pylist(), collapsed)
         merged = [d or r for d, r in zip(drops, reasons, strict=True)]
         batch = batch.set_column(batch.schema.get_field_index("drop"), "drop",
                                  pa.array(merged, pa.string()))
+        if self.exact or self.minhash is not None:
+            normalized = normalize(texts, collapsed)
         if self.exact:
-            batch = batch.append_column("hash", exact_hashes(texts))
+            batch = batch.append_column("hash", exact_hashes(texts, normalized))
         if self.minhash is not None:
-            batch = batch.append_column("minhash", self.minhash.signatures(texts))
+            batch = batch.append_column("minhash", self.minhash.signatures(texts, normalized))
         return self.tokenize(batch)
 
 
 # ----------------------------------------------------------------------------- the stage
 
 
-def _actors() -> int:
-    """Actors of the document operator: half the cluster's CPUs (the rest reads), at least 1."""
+def _pool(requested: int | None) -> tuple[int, int]:
+    """(actors, tokenizer threads per actor) of the document operator.
+
+    One single-threaded actor per CPU by default: the filters, hashes and language ID are one
+    Python thread, so an actor whose encoder spreads over every core leaves all but one idle
+    while it filters; two one-thread actors on 2 cores made the stage 23 % faster than one
+    two-thread actor (``benchmarks/data_throughput.py``). Never more actors than CPUs (three
+    half-CPU actors on 2 CPUs left the read tasks waiting forever).
+    """
     import ray
 
-    return max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    actors = min(requested or cpus, cpus)
+    if requested and requested > cpus:
+        log.warning("data.actors=%d is more than the cluster's %d CPUs; using %d",
+                    requested, cpus, cpus)
+    return actors, max(1, cpus // actors)
+
+
+def _context(progress: bool) -> Any:
+    """The stage's own Ray Data settings, scoped to its datasets (the driver's current context,
+    which other code may use, is left as it was).
+
+    Blocks of at most 8 MiB: the default 128 MiB made the whole synthetic corpus one block,
+    so the document operator ran as one task and the driver saw nothing until it ended; small
+    blocks stream to the ordered dedup pass while later ones are still being tokenized.
+    """
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current().copy()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = progress
+    ctx.target_max_block_size = _BLOCK_BYTES
+    return ctx
 
 
 def _dataset(data: DataConfig, languages: list[str], tokenizer_json: str, run_dir: str | None,
-             seed: int) -> Any:
+             seed: int, progress: bool) -> Any:
     import ray.data
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
     plans = [resolve_source(s, languages, run_dir) for s in data.sources]
     covered = {t for p in plans for t in p.languages}
     if data.sources and all(p.source.format in ("fineweb2", "culturax") for p in plans):
@@ -171,37 +202,116 @@ def _dataset(data: DataConfig, languages: list[str], tokenizer_json: str, run_di
         if missing:
             raise DataError(f"no source has data for {', '.join(missing)} (sources: "
                             f"{', '.join(p.source.name for p in plans)})")
-    parts = [read_source(p, data.batch_size) for p in plans]
-    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    return ds.map_batches(DocumentOps, fn_constructor_kwargs={
-        "data": data, "languages": languages, "tokenizer_json": tokenizer_json, "seed": seed},
-        batch_size=data.batch_size, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=_actors()), num_cpus=0.5)
+    actors, threads = _pool(data.actors)
+    with ray.data.DataContext.current(_context(progress)):
+        parts = [read_source(p, data.batch_size) for p in plans]
+        ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+        return ds.map_batches(DocumentOps, fn_constructor_kwargs={
+            "data": data, "languages": languages, "tokenizer_json": tokenizer_json,
+            "seed": seed, "tokenizer_threads": threads}, batch_size=data.batch_size,
+            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=0.5)
 
 
 _SPOOL_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("source", pa.string())])
 
 
 class _Spool:
-    """Kept documents' token lists per language, appended in corpus order to local parquet."""
+    """Kept documents' token lists per language, appended in corpus order to local Arrow IPC
+    files: written and memory-mapped back without encoding (parquet's encoder cost the driver
+    a second per 100 MiB of text, for a file it reads once)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.writers: dict[str, pq.ParquetWriter] = {}
+        self.sinks: dict[str, tuple[pa.OSFile, pa.ipc.RecordBatchFileWriter]] = {}
 
     def add(self, lang: str, ids: pa.Array, sources: pa.Array) -> None:
-        if lang not in self.writers:
-            self.writers[lang] = pq.ParquetWriter(self.root / f"{lang}.parquet", _SPOOL_SCHEMA)
-        self.writers[lang].write_table(pa.table({"input_ids": ids, "source": sources},
-                                                schema=_SPOOL_SCHEMA))
+        if lang not in self.sinks:
+            sink = pa.OSFile(str(self.root / f"{lang}.arrow"), "wb")
+            self.sinks[lang] = (sink, pa.ipc.new_file(sink, _SPOOL_SCHEMA))
+        self.sinks[lang][1].write_batch(pa.record_batch([ids, sources], schema=_SPOOL_SCHEMA))
 
     def close(self) -> None:
-        for writer in self.writers.values():
-            writer.close()
+        for sink, writer in self.sinks.values():
+            if not sink.closed:
+                writer.close()
+                sink.close()
 
-    def read(self, lang: str) -> pq.ParquetFile | None:
-        path = self.root / f"{lang}.parquet"
-        return pq.ParquetFile(path) if path.exists() else None
+    def read(self, lang: str) -> pa.Table | None:
+        """The language's spool, memory-mapped (pages come from the file, not the heap)."""
+        path = self.root / f"{lang}.arrow"
+        return pa.ipc.open_file(pa.memory_map(str(path))).read_all() if path.exists() else None
+
+
+class _Ledger:
+    """The driver's ordered pass over the operator's batches: counts every document by language
+    and reason, and drops each duplicate of a document kept earlier in corpus order.
+
+    Counting is Arrow group-bys per batch; only the dedup decision walks documents one by one,
+    and only those the workers kept."""
+
+    def __init__(self, languages: list[str], near: NearDuplicateIndex | None) -> None:
+        self.run = pa.array(languages, pa.string())
+        self.near = near
+        self.seen: set[bytes] = set()
+        self.docs_in: Counter[str] = Counter()
+        self.docs_out: Counter[str] = Counter()
+        self.dropped: dict[str, Counter[str]] = defaultdict(Counter)
+        self.bad_docs: Counter[str] = Counter()
+        self.bad_chars: Counter[str] = Counter()
+        self.confusion: dict[str, Counter[str]] = defaultdict(Counter)
+
+    def _dedup(self, batch: pa.Table) -> pa.Array:
+        """The batch's drop reasons with exact and near duplicates added."""
+        reasons = batch.column("drop").to_pylist()
+        hashes = batch.column("hash").to_pylist() if "hash" in batch.column_names else None
+        sigs = batch.column("minhash") if "minhash" in batch.column_names else None
+        for i in [i for i, r in enumerate(reasons) if not r]:
+            if hashes is not None:
+                if hashes[i] in self.seen:
+                    reasons[i] = EXACT_DUP
+                    continue
+                self.seen.add(hashes[i])
+            if self.near is not None and sigs is not None:
+                signature = np.asarray(sigs[i].values.to_numpy(zero_copy_only=False))
+                if self.near.check_and_add(signature):
+                    reasons[i] = NEAR_DUP
+        return pa.array(reasons, pa.string())
+
+    def admit(self, batch: pa.Table) -> np.ndarray:
+        """Count ``batch`` and return its keep mask."""
+        lang = batch.column("lang")
+        reason = self._dedup(batch)
+        t = pa.table({
+            "key": pc.if_else(pc.is_in(lang, value_set=self.run), lang, "other"),
+            "reason": reason, "bad": batch.column("bad_utf8"),
+            "label": batch.column("label"), "lid": batch.column("lid")})
+        kept = pc.equal(reason, "")
+        _add(self.docs_in, _counts(t, ["key"]))
+        _add(self.docs_out, _counts(t.filter(kept), ["key"]))
+        bad = t.filter(pc.greater(t.column("bad"), 0))
+        _add(self.bad_docs, _counts(bad, ["key"]))
+        for row in bad.group_by("key").aggregate([("bad", "sum")]).to_pylist():
+            self.bad_chars[row["key"]] += int(row["bad_sum"])
+        for (key, why), n in _counts(t.filter(pc.invert(kept)), ["key", "reason"]).items():
+            self.dropped[key][why] += n
+        tagged = pc.and_(pc.not_equal(t.column("label"), ""), pc.not_equal(t.column("lid"), ""))
+        for (label, lid), n in _counts(t.filter(tagged), ["label", "lid"]).items():
+            self.confusion[label][lid] += n
+        return kept.to_numpy(zero_copy_only=False)
+
+
+def _counts(table: pa.Table, keys: list[str]) -> dict[Any, int]:
+    """Rows per value of ``keys`` (a tuple key when there are several)."""
+    out = {}
+    for row in table.group_by(keys).aggregate([([], "count_all")]).to_pylist():
+        out[row[keys[0]] if len(keys) == 1 else tuple(row[k] for k in keys)] = row["count_all"]
+    return out
+
+
+def _add(counter: Counter[str], counts: dict[Any, int]) -> None:
+    for key, n in counts.items():
+        counter[key] += n
 
 
 def prepare_data(data: DataConfig, languages: Sequence[str], original: Sequence[str],
@@ -214,60 +324,21 @@ def prepare_data(data: DataConfig, languages: Sequence[str], original: Sequence[
     ``input_ids`` list<int32> of exactly ``seq_len``, ``lang``, ``source``) and
     ``out_dir/stats.json``. Raises :class:`DataError` on input a user can fix.
     """
-    import ray.data
-
     languages = list(dict.fromkeys(languages))
     if not data.sources:
         raise DataError("data.sources is empty: name at least one corpus")
     tok = load_tokenizer(tokenizer_dir)  # before any Ray work: a bad tokenizer fails fast
-    ray.data.DataContext.get_current().enable_progress_bars = progress
-    ds = _dataset(data, languages, tok.json, run_dir, seed)
+    ds = _dataset(data, languages, tok.json, run_dir, seed, progress)
 
-    docs_in: Counter[str] = Counter()
-    docs_out: Counter[str] = Counter()
-    dropped: dict[str, Counter[str]] = defaultdict(Counter)
-    tokens_kept: Counter[str] = Counter()
-    bad_docs: Counter[str] = Counter()
-    bad_chars: Counter[str] = Counter()
-    confusion: dict[str, Counter[str]] = defaultdict(Counter)
-    seen: set[bytes] = set()
     near = (NearDuplicateIndex(data.dedup.num_perm, data.dedup.minhash_threshold)
             if data.dedup.minhash else None)
+    ledger = _Ledger(languages, near)
+    tokens_kept: Counter[str] = Counter()
     spool_dir = Path(tempfile.mkdtemp(prefix="deltamoe-data-"))
     spool = _Spool(spool_dir)
     try:
         for batch in ds.iter_batches(batch_size=data.batch_size, batch_format="pyarrow"):
-            langs = batch.column("lang").to_pylist()
-            drops = batch.column("drop").to_pylist()
-            labels = batch.column("label").to_pylist()
-            lids = batch.column("lid").to_pylist()
-            bad = batch.column("bad_utf8").to_numpy(zero_copy_only=False)
-            hashes = batch.column("hash").to_pylist() if "hash" in batch.column_names else None
-            sigs = batch.column("minhash") if "minhash" in batch.column_names else None
-            keep = np.zeros(batch.num_rows, dtype=bool)
-            for i, lang in enumerate(langs):
-                key = lang if lang in languages else "other"
-                docs_in[key] += 1
-                if bad[i]:
-                    bad_docs[key] += 1
-                    bad_chars[key] += int(bad[i])
-                if labels[i] and lids[i]:
-                    confusion[labels[i]][lids[i]] += 1
-                reason = drops[i]
-                if not reason and hashes is not None:
-                    if hashes[i] in seen:
-                        reason = EXACT_DUP
-                    else:
-                        seen.add(hashes[i])
-                if not reason and near is not None:
-                    signature = np.asarray(sigs[i].values.to_numpy(zero_copy_only=False))
-                    if near.check_and_add(signature):
-                        reason = NEAR_DUP
-                if reason:
-                    dropped[key][reason] += 1
-                    continue
-                keep[i] = True
-                docs_out[lang] += 1
+            keep = ledger.admit(batch)
             if not keep.any():
                 continue
             kept = batch.filter(pa.array(keep))
@@ -280,10 +351,10 @@ def prepare_data(data: DataConfig, languages: Sequence[str], original: Sequence[
                           kept.column("source").combine_chunks().filter(pa.array(mask)))
                 tokens_kept[str(lang)] += int(lengths[mask].sum()) + int(mask.sum())  # + EOS
         spool.close()
-        empty = [t for t in languages if docs_out[t] == 0]
+        empty = [t for t in languages if ledger.docs_out[t] == 0]
         if empty:
-            detail = "; ".join(f"{t}: {docs_in[t]} documents read, dropped "
-                               f"{dict(dropped[t]) or 'none'}" for t in empty)
+            detail = "; ".join(f"{t}: {ledger.docs_in[t]} documents read, dropped "
+                               f"{dict(ledger.dropped[t]) or 'none'}" for t in empty)
             raise DataError(f"no documents left for {', '.join(empty)} after language ID, "
                             f"filters and dedup ({detail}); loosen data.filters / data.lid or "
                             "add data")
@@ -294,21 +365,22 @@ def prepare_data(data: DataConfig, languages: Sequence[str], original: Sequence[
         shutil.rmtree(spool_dir, ignore_errors=True)
 
     agreement = {label: counts[label] / sum(counts.values())
-                 for label, counts in confusion.items() if label in languages}
+                 for label, counts in ledger.confusion.items() if label in languages}
     # py3langid cannot tell scripts apart: count same-language predictions as agreement
     if data.lid.backend == "py3langid":
         from components.data.lid import same_language
 
         agreement = {label: sum(n for pred, n in counts.items() if same_language(label, pred))
                      / sum(counts.values())
-                     for label, counts in confusion.items() if label in languages}
+                     for label, counts in ledger.confusion.items() if label in languages}
     stats = DataResult(
         out_dir=str(out_dir), seq_len=data.seq_len, languages=languages,
-        documents_in=dict(docs_in), documents_out=dict(docs_out),
-        dropped={k: dict(v) for k, v in dropped.items()}, tokens_kept=dict(tokens_kept),
-        bad_utf8_documents=dict(bad_docs), bad_utf8_replacements=dict(bad_chars),
+        documents_in=dict(ledger.docs_in), documents_out=dict(ledger.docs_out),
+        dropped={k: dict(v) for k, v in ledger.dropped.items()}, tokens_kept=dict(tokens_kept),
+        bad_utf8_documents=dict(ledger.bad_docs),
+        bad_utf8_replacements=dict(ledger.bad_chars),
         lid_backend=data.lid.backend, lid_agreement=agreement,
-        lid_confusion={k: dict(v) for k, v in confusion.items()}, **result)
+        lid_confusion={k: dict(v) for k, v in ledger.confusion.items()}, **result)
     fs, root = fsspec.core.url_to_fs(str(out_dir), **(storage_options or {}))
     with fs.open(f"{root.rstrip('/')}/{STATS_FILE}", "w") as handle:
         handle.write(json.dumps(stats.to_dict(), indent=1, sort_keys=True))
@@ -341,7 +413,7 @@ def _pack(data: DataConfig, languages: list[str], original: Sequence[str], spool
         spooled = spool.read(lang)
         if spooled is None:
             continue
-        for batch in spooled.iter_batches(batch_size=4096):
+        for batch in spooled.to_batches(max_chunksize=4096):
             flat, starts = with_eos(batch.column("input_ids"), eos)
             doc_sources = np.array([code[s] for s in batch.column("source").to_pylist()])
             lengths = np.diff(np.append(starts, len(flat)))

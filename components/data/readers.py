@@ -229,6 +229,7 @@ class _Standardize:
         self.source = source
         self.default_label = default_label
         self.cache: dict[str, str] = {}
+        self.path_labels: dict[str, str] = {}
 
     def _path_label(self, path: str) -> str:
         parts = PurePosixPath(path).parts
@@ -250,7 +251,10 @@ class _Standardize:
                        batch.column("language_script").to_pylist(), strict=True)]
             labels = _canonical_labels(raw, self.cache)
         elif src.format in ("fineweb2", "culturax"):
-            labels = [self._path_label(p) for p in batch.column("path").to_pylist()]
+            paths = batch.column("path").to_pylist()  # one file per batch or a few
+            for path in set(paths) - self.path_labels.keys():
+                self.path_labels[path] = self._path_label(path)
+            labels = [self.path_labels[path] for path in paths]
         elif src.language_column:
             labels = _canonical_labels(batch.column(src.language_column).to_pylist(), self.cache)
         else:

@@ -10,6 +10,7 @@ special tokens here: the packer puts EOS between documents.
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,9 +67,15 @@ def token_lists(ids: list[list[int]]) -> pa.Array:
 class TokenizeBatch:
     """Ray Data class UDF: encodes the kept documents of a batch; drops the text column."""
 
-    def __init__(self, tokenizer_json: str) -> None:
+    def __init__(self, tokenizer_json: str, threads: int | None = None) -> None:
         from tokenizers import Tokenizer
 
+        # Threads of the Rust encoder in this (actor) process; None: one per core. Set before
+        # the first encode, when the encoder's thread pool is built.
+        if threads == 1:
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        elif threads:
+            os.environ["RAYON_NUM_THREADS"] = str(threads)
         self.tokenizer = Tokenizer.from_str(tokenizer_json)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
