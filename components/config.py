@@ -223,8 +223,9 @@ class DataConfig(_Section):
     batch_size: int = Field(256, ge=1)
     actors: int | None = Field(
         None, ge=1, description="document operator actors (language ID, filters, hashes, "
-        "tokenizer); default one per cluster CPU, each encoding on one thread. Lower it when "
-        "the LID model is large (each actor loads it). Does not change the output.")
+        "tokenizer); default one per cluster CPU, each encoding on one thread, but no more than "
+        "the input's 8 MiB blocks. Lower it when the LID model is large (each actor loads it). "
+        "Does not change the output.")
     lid: LIDConfig = LIDConfig()
     filters: FiltersConfig = FiltersConfig()
     dedup: DedupConfig = DedupConfig()

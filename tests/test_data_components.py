@@ -69,8 +69,8 @@ def test_non_alpha_share_is_exact_across_scripts_and_whitespace() -> None:
     """The Arrow kernels (one whitespace-collapsing pass shared with the dedup hash, then a
     single-character count of the complement class) agree with a per-character count."""
     texts = ["Hello, world! 42", "ภาษาไทย มีสระ ั ิ ่ และ ๑๒๓", "Привет,\tмир...\r\n\n 2024 г.",
-             "日本語のテキスト。数字１２３", "  a  ", "\n\n\t", "x\u00a0y\vz — «ok»", "ÅÄÖ åäö 😀😀",
-             "e\u0301te\u0301", "###", ""]
+             "日本語のテキスト。数字１２３", "  a  ", "\n\n\t", "x\u00a0y\vz — «ok»",
+             "ÅÄÖ åäö 😀😀", "e\u0301te\u0301", "###", ""]
     for text in texts:
         share = _non_alpha_share(text)
         for bound, expected in ((share - 1e-9, "non_alpha"), (min(share + 1e-9, 1.0), "")):

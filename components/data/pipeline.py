@@ -155,22 +155,24 @@ class DocumentOps:
 # ----------------------------------------------------------------------------- the stage
 
 
-def _pool(requested: int | None) -> tuple[int, int]:
+def _pool(requested: int | None, input_bytes: int) -> tuple[int, int]:
     """(actors, tokenizer threads per actor) of the document operator.
 
     One single-threaded actor per CPU by default: the filters, hashes and language ID are one
     Python thread, so an actor whose encoder spreads over every core leaves all but one idle
     while it filters; two one-thread actors on 2 cores made the stage 23 % faster than one
-    two-thread actor (``benchmarks/data_throughput.py``). Never more actors than CPUs (three
-    half-CPU actors on 2 CPUs left the read tasks waiting forever).
+    two-thread actor (``benchmarks/data_throughput.py``). But no more actors than the input
+    has blocks: each actor is a fresh process that imports Ray Data (seconds), pure cost on a
+    small corpus. Never more actors than CPUs (three half-CPU actors on 2 CPUs left the read
+    tasks waiting forever).
     """
     import ray
 
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    actors = min(requested or cpus, cpus)
     if requested and requested > cpus:
         log.warning("data.actors=%d is more than the cluster's %d CPUs; using %d",
                     requested, cpus, cpus)
+    actors = min(requested or max(1, -(-input_bytes // _BLOCK_BYTES)), cpus)
     return actors, max(1, cpus // actors)
 
 
@@ -202,7 +204,7 @@ def _dataset(data: DataConfig, languages: list[str], tokenizer_json: str, run_di
         if missing:
             raise DataError(f"no source has data for {', '.join(missing)} (sources: "
                             f"{', '.join(p.source.name for p in plans)})")
-    actors, threads = _pool(data.actors)
+    actors, threads = _pool(data.actors, sum(p.size() for p in plans))
     with ray.data.DataContext.current(_context(progress)):
         parts = [read_source(p, data.batch_size) for p in plans]
         ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]

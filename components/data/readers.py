@@ -54,6 +54,10 @@ class SourceFiles:
     languages: list[str]  # canonical tags this source is read for
     columns: list[str] = field(default_factory=list)  # projected columns
 
+    def size(self) -> int:
+        """Bytes of the source's files as stored (without reading them)."""
+        return sum(int(self.fs.info(path).get("size") or 0) for path in self.files)
+
     def versions(self) -> list[list[Any]]:
         """``[file, size, version]`` per file without reading it: the store's content tag
         (S3/GCS ETag or MD5) where it keeps one, else its modification time. A corpus edited in
