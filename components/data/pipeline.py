@@ -292,8 +292,9 @@ class _Ledger:
         _add(self.docs_in, _counts(t, ["key"]))
         _add(self.docs_out, _counts(t.filter(kept), ["key"]))
         bad = t.filter(pc.greater(t.column("bad"), 0))
-        _add(self.bad_docs, _counts(bad, ["key"]))
-        for row in bad.group_by("key").aggregate([("bad", "sum")]).to_pylist():
+        for row in bad.group_by("key").aggregate([("bad", "sum"), ([], "count_all")]) \
+                .to_pylist():
+            self.bad_docs[row["key"]] += row["count_all"]
             self.bad_chars[row["key"]] += int(row["bad_sum"])
         for (key, why), n in _counts(t.filter(pc.invert(kept)), ["key", "reason"]).items():
             self.dropped[key][why] += n

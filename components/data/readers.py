@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -54,17 +55,21 @@ class SourceFiles:
     languages: list[str]  # canonical tags this source is read for
     columns: list[str] = field(default_factory=list)  # projected columns
 
+    @cached_property
+    def _infos(self) -> list[dict[str, Any]]:
+        """The store's metadata of each file, asked once (a HEAD per file on object stores)."""
+        return [self.fs.info(path) for path in self.files]
+
     def size(self) -> int:
         """Bytes of the source's files as stored (without reading them)."""
-        return sum(int(self.fs.info(path).get("size") or 0) for path in self.files)
+        return sum(int(info.get("size") or 0) for info in self._infos)
 
     def versions(self) -> list[list[Any]]:
         """``[file, size, version]`` per file without reading it: the store's content tag
         (S3/GCS ETag or MD5) where it keeps one, else its modification time. A corpus edited in
         place, even to the same size, gets new shards; an untouched one is reused."""
         out: list[list[Any]] = []
-        for path in self.files:
-            info = self.fs.info(path)
+        for path, info in zip(self.files, self._infos, strict=True):
             version = next((info[k] for k in _VERSION_KEYS if info.get(k) is not None), None)
             out.append([path, info.get("size"), str(version)])
         return out
