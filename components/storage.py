@@ -17,11 +17,12 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -81,6 +82,21 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def placement() -> dict[str, Any]:
+    """Where this process runs: host and pid, and inside Ray the node id and the resources the
+    task or actor was given, so a manifest says where its stage ran."""
+    where: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid()}
+    ray = sys.modules.get("ray")  # only when this process already uses Ray: never start it
+    if ray is not None and getattr(ray, "is_initialized", lambda: False)():
+        context = ray.get_runtime_context()
+        where["node_id"] = context.get_node_id()
+        try:
+            where["resources"] = context.get_assigned_resources()
+        except Exception:  # the driver has no assigned resources in some Ray versions
+            where["resources"] = {}
+    return where
+
+
 def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write a file so that readers see the old content or the new, never a torn one."""
     tmp = f"{path}{_TMP_MARK}{uuid.uuid4().hex}"
@@ -112,13 +128,14 @@ class Manifest:
     versions: dict[str, str]
     extra: dict[str, Any] = field(default_factory=dict)
     version: int = MANIFEST_VERSION
+    placement: dict[str, Any] = field(default_factory=dict)  # host, pid, Ray node, resources
 
     def to_json(self) -> str:
         data = {
             "version": self.version, "stage": self.stage, "fingerprint": self.fingerprint,
             "inputs": self.inputs, "config": self.config,
             "outputs": [vars(o) for o in self.outputs], "timings": self.timings,
-            "versions": self.versions, "extra": self.extra,
+            "versions": self.versions, "extra": self.extra, "placement": self.placement,
         }
         return json.dumps(data, indent=2, sort_keys=False, ensure_ascii=False, default=str)
 
@@ -129,7 +146,7 @@ class Manifest:
             stage=data["stage"], fingerprint=data["fingerprint"], inputs=data["inputs"],
             config=data["config"], outputs=[OutputFile(**o) for o in data["outputs"]],
             timings=data["timings"], versions=data["versions"], extra=data.get("extra", {}),
-            version=data.get("version", MANIFEST_VERSION),
+            version=data.get("version", MANIFEST_VERSION), placement=data.get("placement", {}),
         )
 
     @property
@@ -266,7 +283,7 @@ class StageDir:
                     "finished_at": datetime.fromtimestamp(finished, UTC).isoformat(),
                     "seconds": round(finished - started, 3),
                 },
-                versions=package_versions(), extra=work.extra,
+                versions=package_versions(), extra=work.extra, placement=placement(),
             )
             atomic_write_bytes(self.fs, self.manifest_path, manifest.to_json().encode("utf-8"))
         except BaseException:
@@ -276,6 +293,23 @@ class StageDir:
         finally:
             if not self.is_local:
                 shutil.rmtree(local_dir, ignore_errors=True)
+
+    def ensure(self, stage_fingerprint: str, build: Callable[[StageBuild], None], *,
+               inputs: Mapping[str, Any] | None = None, config: Mapping[str, Any] | None = None,
+               refuse_foreign: bool = False) -> tuple[Manifest, bool]:
+        """Skip the stage when its manifest matches, else ``build`` it atomically: the one
+        skip-or-build sequence every stage follows. Returns (manifest, built)."""
+        if not self.is_complete(stage_fingerprint):
+            with self.build(stage_fingerprint, inputs=inputs, config=config,
+                            refuse_foreign=refuse_foreign) as work:
+                build(work)
+            built = True
+        else:
+            built = False
+        manifest = self.read_manifest()
+        if manifest is None:  # removed between the commit and this read: not ours to hide
+            raise FileNotFoundError(f"{self.manifest_path}: vanished right after the stage")
+        return manifest, built
 
     def _uri_for(self, path: str) -> str:
         return path if self.is_local else self.fs.unstrip_protocol(path)

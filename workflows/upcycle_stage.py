@@ -9,6 +9,7 @@ stage is skipped when its manifest matches; accounting goes to the manifest and 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from components.moe.allocation import (
     most_similar_layers,
 )
 from components.moe.upcycle import UpcycleOptions, UpcycleResult, upcycle
-from components.storage import Manifest, RunDir, StageDir, fingerprint
+from components.storage import Manifest, RunDir, StageBuild, StageDir, fingerprint
 from components.tracking import RankZeroLogger
 
 STAGE = "models/moe-init"
@@ -143,27 +144,46 @@ def stage_fingerprint(cfg: RunConfig, base: Path) -> str:
                        stat.st_mtime_ns if stat else None)
 
 
+def build_upcycled(stage: StageDir, stage_fingerprint: str, base: Path,
+                   options: UpcycleOptions | Callable[[], UpcycleOptions], *,
+                   refuse_foreign: bool = False) -> tuple[Manifest, UpcycleResult | None,
+                                                      UpcycleOptions | None]:
+    """Upcycle ``base`` into ``stage`` unless its manifest matches: the one skip-or-build path of
+    the run's stage and of ``deltamoe upcycle --model ... --out ...``. ``options`` may be a
+    function, so a skipped stage never measures LayerMoE's similarity. Returns (manifest, result,
+    options), the last two None when skipped."""
+    manifest = stage.read_manifest()
+    if manifest is not None and stage.is_complete(stage_fingerprint):
+        return manifest, None, None
+    chosen = options() if callable(options) else options
+    done: list[UpcycleResult] = []
+
+    def build(work: StageBuild) -> None:
+        done.append(upcycle(base, work.path, chosen))
+        work.extra["upcycle"] = done[0].summary()
+
+    manifest, _ = stage.ensure(stage_fingerprint, build, inputs={"base": str(base)},
+                               config=asdict(chosen), refuse_foreign=refuse_foreign)
+    return manifest, done[0], chosen
+
+
 def ensure_upcycled(cfg: RunConfig, run_dir: RunDir, logger: RankZeroLogger | None = None,
                     stage_name: str = STAGE) -> tuple[Manifest, bool]:
     """Build (or skip) the run's upcycled MoE in ``stage_name`` (baselines that upcycle with
     another allocation use their own folder); returns (manifest, built)."""
     base = base_model_dir(cfg, run_dir)
     stage: StageDir = run_dir.stage(stage_name)
-    fp = stage_fingerprint(cfg, base)
-    if stage.is_complete(fp):
-        manifest = stage.read_manifest()
-        assert manifest is not None
+
+    def options() -> UpcycleOptions:
+        texts = (held_out_texts(cfg, run_dir, base)
+                 if cfg.upcycle.allocation.method == "layermoe" else None)
+        return upcycle_options(cfg, base, texts)
+
+    manifest, result, chosen = build_upcycled(stage, stage_fingerprint(cfg, base), base, options)
+    if result is None or chosen is None:
         return manifest, False
-    texts = (held_out_texts(cfg, run_dir, base)
-             if cfg.upcycle.allocation.method == "layermoe" else None)
-    options = upcycle_options(cfg, base, texts)
-    with stage.build(fp, inputs={"base": str(base)}, config=asdict(options)) as work:
-        result: UpcycleResult = upcycle(base, work.path, options)
-        work.extra["upcycle"] = result.summary()
-    manifest = stage.read_manifest()
-    assert manifest is not None
     if logger is not None:
-        log_upcycle(logger, options, result, stage, manifest,
+        log_upcycle(logger, chosen, result, stage, manifest,
                     name=stage_name.rsplit("/", 1)[-1])
     return manifest, True
 

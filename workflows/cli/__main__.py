@@ -1,0 +1,5 @@
+"""``python -m workflows.cli``."""
+
+from workflows.cli import main
+
+main()
