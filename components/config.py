@@ -362,8 +362,44 @@ class StorageConfig(_MaskedOptions, _Section):
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
 
+class StageResources(_Section):
+    """What one task of a stage asks Ray for; unset fields take the stage's default."""
+
+    num_cpus: float | None = Field(None, ge=0.0)
+    num_gpus: float | None = Field(None, ge=0.0)
+    memory: int | None = Field(None, ge=1, description="bytes of RAM Ray reserves for the task")
+    resources: dict[str, Annotated[float, Field(gt=0.0)]] = Field(
+        default_factory=dict, description="custom resources, e.g. {gpu_node: 0.01}")
+
+
+class StagesResources(_Section):
+    """Resources per kind of stage. Training's also go to every Ray Train worker; evaluation
+    takes one GPU per variant when ``resources.use_gpu`` is on."""
+
+    world: StageResources = StageResources()
+    data: StageResources = StageResources()
+    upcycle: StageResources = StageResources()
+    train: StageResources = StageResources()
+    graft: StageResources = StageResources()
+    evaluate: StageResources = StageResources()
+
+
+class DriverResources(_Section):
+    """Entrypoint resources of a submitted job: where Ray places the workflow's driver (a CPU
+    node by default; it only orchestrates)."""
+
+    num_cpus: float = Field(1.0, ge=0.0)
+    num_gpus: float = Field(0.0, ge=0.0)
+    memory: int | None = Field(None, ge=1)
+    resources: dict[str, Annotated[float, Field(gt=0.0)]] = Field(default_factory=dict)
+
+
 class ResourcesConfig(_Section):
     ray_address: str | None = Field(None, description="None: local Ray; 'auto': running one")
+    stages: StagesResources = StagesResources()
+    max_parallel: int | None = Field(None, ge=1, description=(
+        "at most this many stages at once (None: as many as the cluster's resources allow)"))
+    driver: DriverResources = DriverResources()
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0.0)
