@@ -28,7 +28,7 @@ from components.data.filters import QualityFilter, duplicate_line_fraction, thre
 from components.data.lid import LanguageTagger, assign_languages, same_language
 from components.data.mix import mix_shares, plan_mix
 from components.data.pack import LanguageQuota, SequencePacker, ShardWriter, with_eos
-from components.data.readers import DOC_SCHEMA, _JsonLines, repair_utf8, resolve_source
+from components.data.readers import DOC_SCHEMA, JsonlReader, repair_utf8, resolve_source
 from components.data.tokenize import TokenizeBatch, token_lists
 
 # ----------------------------------------------------------------------------- filters
@@ -246,7 +246,8 @@ def test_jsonl_lines_unknown_labels_and_broken_lines_are_counted_drops() -> None
         b"",
         b'{"text": "caf\xe9 bad byte", "lang": "fr"}',
     ])
-    table = _JsonLines(source, "")(pa.table({"bytes": pa.array([blob], pa.binary())}))
+    files = pa.table({"bytes": pa.array([blob], pa.binary())})
+    table = JsonlReader(source).split_lines(files, "")
     assert table.schema == DOC_SCHEMA
     assert table.column("label").to_pylist() == ["swh_Latn", "eng_Latn", "?xx_Fake", "", "",
                                                  "fra_Latn"]

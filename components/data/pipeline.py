@@ -38,7 +38,7 @@ from components.data.filters import QualityFilter
 from components.data.lid import LanguageTagger
 from components.data.mix import plan_mix
 from components.data.pack import LanguageQuota, SequencePacker, ShardWriter, with_eos
-from components.data.readers import read_source, resolve_source
+from components.data.readers import resolve_source
 from components.data.textops import collapse_whitespace
 from components.data.tokenize import TokenizeBatch, load_tokenizer
 
@@ -199,14 +199,14 @@ def _dataset(data: DataConfig, languages: list[str], tokenizer_json: str, run_di
 
     plans = [resolve_source(s, languages, run_dir) for s in data.sources]
     covered = {t for p in plans for t in p.languages}
-    if data.sources and all(p.source.format in ("fineweb2", "culturax") for p in plans):
+    if data.sources and all(p.reader.finds_languages for p in plans):
         missing = [t for t in languages if t not in covered]
         if missing:
             raise DataError(f"no source has data for {', '.join(missing)} (sources: "
                             f"{', '.join(p.source.name for p in plans)})")
     actors, threads = _pool(data.actors, sum(p.size() for p in plans))
     with ray.data.DataContext.current(_context(progress)):
-        parts = [read_source(p, data.batch_size) for p in plans]
+        parts = [p.read(data.batch_size) for p in plans]
         ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
         return ds.map_batches(DocumentOps, fn_constructor_kwargs={
             "data": data, "languages": languages, "tokenizer_json": tokenizer_json,

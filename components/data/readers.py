@@ -6,20 +6,24 @@ dataset's own canonical language tag, ``""`` when it does not say), ``source`` (
 ``bad_utf8`` (replacement characters introduced) and ``drop`` (``""`` while the document is kept,
 else the reason it was dropped, so each drop is counted by the operator that decided it).
 
-Layouts: FineWeb2 ``data/<tag>/train/*.parquet`` (per-document ``language`` + ``language_script``),
-CulturaX ``<iso639-1>/*.parquet`` (the folder is the label), plain parquet or jsonl with a
-configurable text column and an optional language column. Parquet is read with column
-projection; jsonl is read as bytes and split here, because Arrow's JSON reader stops at the
-first invalid UTF-8 byte and web text has them.
+One :class:`Reader` subclass per format holds that format's rules (where the files are, which
+columns to read, how a document is labelled, how a file becomes rows), and :data:`READERS` maps
+the config's ``format`` names to them, so adding a format is one class. Layouts: FineWeb2
+``data/<tag>/train/*.parquet`` (per-document ``language`` + ``language_script``), CulturaX
+``<iso639-1>/*.parquet`` (the folder is the label), plain parquet or jsonl with a configurable
+text column and an optional language column. Parquet is read with column projection; jsonl is
+read as bytes and split here, because Arrow's JSON reader stops at the first invalid UTF-8 byte
+and web text has them.
 """
 
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, ClassVar
 
 import fsspec
 import numpy as np
@@ -31,12 +35,17 @@ from components.config import DataSource
 from components.data.errors import DataError
 from components.languages import UnknownLanguageError, canonical_tag, culturax_code, culturax_tag
 
-__all__ = ["DOC_SCHEMA", "SourceFiles", "read_source", "repair_utf8", "resolve_source"]
+__all__ = ["DOC_SCHEMA", "READERS", "CulturaXReader", "FineWeb2Reader", "JsonlReader",
+           "ParquetReader", "Reader", "SourceFiles", "reader_for", "repair_utf8",
+           "resolve_source"]
 
 DOC_SCHEMA = pa.schema([("text", pa.string()), ("label", pa.string()), ("source", pa.string()),
                         ("bad_utf8", pa.int32()), ("drop", pa.string())])
 UNKNOWN_LANGUAGE = "unknown_language"
 _REPLACEMENT = "\ufffd"
+# Fractional CPUs: on a small machine the document operator's actors hold whole CPUs, and read
+# tasks asking for a whole one would wait for them forever.
+_TASK_CPUS = 0.25
 
 
 # fsspec ``info`` keys that change when a file's bytes do, most specific first
@@ -46,14 +55,30 @@ _VERSION_KEYS = ("ETag", "etag", "md5Hash", "content_md5", "mtime", "LastModifie
 
 @dataclass
 class SourceFiles:
-    """One source resolved to files: what to read and how to label what is read."""
+    """One source resolved to files: what to read and the reader that reads and labels it."""
 
-    source: DataSource
+    reader: Reader
     path: str
     fs: fsspec.AbstractFileSystem
     files: list[str]
     languages: list[str]  # canonical tags this source is read for
     columns: list[str] = field(default_factory=list)  # projected columns
+
+    @property
+    def source(self) -> DataSource:
+        return self.reader.source
+
+    @property
+    def default_label(self) -> str:
+        """The label of documents the dataset does not label: the one language the source lists
+        for itself, else ``""`` (language ID decides)."""
+        if len(self.languages) == 1 and self.source.languages:
+            return self.languages[0]
+        return ""
+
+    def read(self, batch_size: int) -> Any:
+        """A Ray Dataset of the documents in the document schema, in file and row order."""
+        return self.reader.read(self, batch_size)
 
     @cached_property
     def _infos(self) -> list[dict[str, Any]]:
@@ -86,97 +111,12 @@ def _fs_for(source: DataSource, run_dir: str | None) -> tuple[fsspec.AbstractFil
     return fs, root.rstrip("/") or "/"
 
 
-def _parquet_in(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
-    return sorted(f for f in fs.find(folder) if f.endswith(".parquet"))
+def _arrow_fs(fs: fsspec.AbstractFileSystem) -> Any:
+    if isinstance(fs, LocalFileSystem):
+        return None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-
-def _check_columns(source: DataSource, fs: fsspec.AbstractFileSystem, first: str,
-                   wanted: list[str]) -> list[str]:
-    """The columns of ``first`` (a parquet or jsonl file); a missing wanted one is an error."""
-    if first.endswith(".parquet"):
-        with fs.open(first, "rb") as handle:
-            names = pq.read_schema(handle).names
-    else:
-        names = None
-        with fs.open(first, "rb") as handle:
-            for raw in handle:
-                if raw.strip():
-                    try:
-                        row = json.loads(raw.decode("utf-8", errors="replace"))
-                    except json.JSONDecodeError as err:
-                        raise DataError(f"source {source.name!r}: {first} is not JSON lines "
-                                        f"({err})") from None
-                    names = list(row) if isinstance(row, dict) else []
-                    break
-    if names is None:  # an empty jsonl file: nothing to check; an empty corpus is counted
-        return list(wanted)
-    missing = [c for c in wanted if c not in names]
-    if missing:
-        raise DataError(f"source {source.name!r}: column {', '.join(map(repr, missing))} not "
-                        f"in {first} (it has: {', '.join(names) or 'no columns'}); set "
-                        "text_column / language_column")
-    return names
-
-
-def resolve_source(source: DataSource, languages: list[str],
-                   run_dir: str | None = None) -> SourceFiles:
-    """The files ``source`` contributes for ``languages``; missing paths are errors.
-
-    A language the source lists explicitly must be there; otherwise the source is read for
-    whichever run languages its layout has, and a language no source has is reported later.
-    """
-    fs, root = _fs_for(source, run_dir)
-    if not fs.exists(root):
-        raise DataError(f"source {source.name!r}: path {source.path} does not exist ({root})")
-    wanted = [t for t in (source.languages or languages) if t in languages]
-    files: list[str] = []
-    found: list[str] = []
-    if source.format in ("fineweb2", "culturax"):
-        for tag in wanted:
-            if source.format == "fineweb2":
-                folder = f"{root}/data/{tag}/train"
-            else:
-                try:
-                    folder = f"{root}/{culturax_code(tag)}"
-                except UnknownLanguageError:
-                    folder = f"{root}/{tag}"
-            if not fs.isdir(folder):
-                if source.languages:
-                    raise DataError(f"source {source.name!r}: no {source.format} folder for "
-                                    f"{tag}: {folder} does not exist")
-                continue
-            shards = _parquet_in(fs, folder)
-            if not shards:
-                raise DataError(f"source {source.name!r}: {folder} has no parquet files")
-            files += shards
-            found.append(tag)
-        if not files:
-            layout = "data/<tag>/train" if source.format == "fineweb2" else "<iso639-1>"
-            raise DataError(f"source {source.name!r}: no {layout} folder under {root} for any "
-                            f"of {', '.join(wanted) or 'the run languages'}")
-        columns = [source.text_column]
-        if source.format == "fineweb2":
-            names = _check_columns(source, fs, files[0], columns)
-            if {"language", "language_script"} <= set(names):
-                columns += ["language", "language_script"]
-        else:
-            _check_columns(source, fs, files[0], columns)
-    else:
-        suffixes = (".parquet",) if source.format == "parquet" else (".jsonl", ".json")
-        if fs.isdir(root):
-            files = sorted(f for f in fs.find(root) if f.endswith(suffixes))
-        else:
-            files = [root]
-        if not files:
-            raise DataError(f"source {source.name!r}: no {'/'.join(suffixes)} files under "
-                            f"{root}")
-        columns = [source.text_column]
-        if source.language_column:
-            columns.append(source.language_column)
-        _check_columns(source, fs, files[0], columns)
-        found = wanted
-    return SourceFiles(source=source, path=root, fs=fs, files=files, languages=found,
-                       columns=columns)
+    return PyFileSystem(FSSpecHandler(fs))
 
 
 def repair_utf8(column: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
@@ -210,18 +150,19 @@ def repair_utf8(column: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, np.ndarra
     return pa.array(texts, pa.string()), counts
 
 
-def _canonical_labels(values: list[Any], cache: dict[str, str]) -> list[str]:
-    """Canonical tags of per-document labels; unknown ones become ``?<label>`` (dropped)."""
-    out = []
-    for value in values:
-        key = "" if value is None else str(value)
-        if key not in cache:
-            try:
-                cache[key] = canonical_tag(key) if key else ""
-            except (UnknownLanguageError, ValueError):
-                cache[key] = f"?{key}"
-        out.append(cache[key])
-    return out
+@lru_cache(maxsize=4096)
+def _canonical_label(key: str) -> str:
+    """The canonical tag of one label, ``?<label>`` when unknown (dropped later). Memoised: a
+    corpus repeats a few labels, and an unknown one costs a fuzzy search for suggestions."""
+    try:
+        return canonical_tag(key) if key else ""
+    except (UnknownLanguageError, ValueError):
+        return f"?{key}"
+
+
+def _canonical_labels(values: list[Any]) -> list[str]:
+    """Canonical tags of per-document labels (``None`` is unlabelled: ``""``)."""
+    return [_canonical_label("" if value is None else str(value)) for value in values]
 
 
 def _doc_table(texts: pa.Array, bad: np.ndarray, labels: list[str], name: str) -> pa.Table:
@@ -231,60 +172,255 @@ def _doc_table(texts: pa.Array, bad: np.ndarray, labels: list[str], name: str) -
          pa.array(bad, pa.int32()), pa.array(drop, pa.string())], schema=DOC_SCHEMA)
 
 
-class _Standardize:
-    """Parquet rows → the document schema (a plain callable: runs fused with the read tasks)."""
+@dataclass(frozen=True)
+class Reader(ABC):
+    """One source read by its format's rules: resolve its files, label and read its documents.
 
-    def __init__(self, source: DataSource, default_label: str) -> None:
-        self.source = source
-        self.default_label = default_label
-        self.cache: dict[str, str] = {}
-        self.path_labels: dict[str, str] = {}
+    Subclasses set ``name`` (the config's ``format``) and the layout rules; parquet is the
+    default file format (three of the four formats), so only jsonl overrides the reading.
+    """
 
-    def _path_label(self, path: str) -> str:
-        parts = PurePosixPath(path).parts
-        if self.source.format == "fineweb2":
-            return parts[-3]
-        if self.source.format == "culturax":
-            try:
-                return culturax_tag(parts[-2])
-            except UnknownLanguageError:
-                return f"?{parts[-2]}"
-        return self.default_label
+    source: DataSource
+    name: ClassVar[str]
+    #: whether :meth:`resolve` learns from the layout which languages the source holds; flat
+    #: files claim every wanted language, and what they hold is only known after reading
+    finds_languages: ClassVar[bool] = False
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        src = self.source
-        texts, bad = repair_utf8(batch.column(src.text_column))
-        if src.format == "fineweb2" and "language" in batch.column_names:
-            raw = [f"{lang}_{script}" if lang and script else None for lang, script in
-                   zip(batch.column("language").to_pylist(),
-                       batch.column("language_script").to_pylist(), strict=True)]
-            labels = _canonical_labels(raw, self.cache)
-        elif src.format in ("fineweb2", "culturax"):
-            paths = batch.column("path").to_pylist()  # one file per batch or a few
-            for path in set(paths) - self.path_labels.keys():
-                self.path_labels[path] = self._path_label(path)
-            labels = [self.path_labels[path] for path in paths]
-        elif src.language_column:
-            labels = _canonical_labels(batch.column(src.language_column).to_pylist(), self.cache)
+    def resolve(self, languages: list[str], run_dir: str | None = None) -> SourceFiles:
+        """The files the source contributes for ``languages``; missing paths are errors.
+
+        A language the source lists explicitly must be there; otherwise the source is read for
+        whichever run languages its layout has, and a language no source has is reported later.
+        """
+        fs, root = _fs_for(self.source, run_dir)
+        if not fs.exists(root):
+            raise DataError(f"source {self.source.name!r}: path {self.source.path} does not "
+                            f"exist ({root})")
+        wanted = [t for t in (self.source.languages or languages) if t in languages]
+        files, found = self._files(fs, root, wanted)
+        return SourceFiles(reader=self, path=root, fs=fs, files=files, languages=found,
+                           columns=self._columns(fs, files[0]))
+
+    @abstractmethod
+    def _files(self, fs: fsspec.AbstractFileSystem, root: str,
+               wanted: list[str]) -> tuple[list[str], list[str]]:
+        """The files under ``root`` to read (at least one) and the wanted languages they hold."""
+
+    def _columns(self, fs: fsspec.AbstractFileSystem, first: str) -> list[str]:
+        """The columns to read, checked against the first file: the text column."""
+        columns = [self.source.text_column]
+        self._require(fs, first, columns)
+        return columns
+
+    def _column_names(self, fs: fsspec.AbstractFileSystem, first: str) -> list[str] | None:
+        """The columns ``first`` has; ``None`` for a file with none to check (empty jsonl)."""
+        with fs.open(first, "rb") as handle:
+            return pq.read_schema(handle).names
+
+    def _require(self, fs: fsspec.AbstractFileSystem, first: str,
+                 wanted: list[str]) -> list[str]:
+        """The columns of ``first``; a missing wanted one is an error naming the ones it has."""
+        names = self._column_names(fs, first)
+        if names is None:  # an empty file: nothing to check; an empty corpus is counted
+            return list(wanted)
+        missing = [c for c in wanted if c not in names]
+        if missing:
+            raise DataError(f"source {self.source.name!r}: column "
+                            f"{', '.join(map(repr, missing))} not in {first} (it has: "
+                            f"{', '.join(names) or 'no columns'}); set text_column / "
+                            "language_column")
+        return names
+
+    @abstractmethod
+    def labels(self, rows: pa.Table, default: str) -> list[str]:
+        """Each row's language as the dataset itself gives it: a canonical tag, ``?<label>``
+        for one it gives but no language has, ``default`` where it says nothing."""
+
+    def _labels_need_paths(self, columns: list[str]) -> bool:
+        """Whether :meth:`labels` reads each row's file path (the read then carries it)."""
+        return False
+
+    def documents(self, rows: pa.Table, default: str) -> pa.Table:
+        """Rows as read (text and label columns) → the document schema."""
+        texts, bad = repair_utf8(rows.column(self.source.text_column))
+        return _doc_table(texts, bad, self.labels(rows, default), self.source.name)
+
+    def read(self, plan: SourceFiles, batch_size: int) -> Any:
+        """A Ray Dataset of ``plan``'s documents in the document schema, in file and row order."""
+        import ray.data
+
+        ds = ray.data.read_parquet(plan.files, filesystem=_arrow_fs(plan.fs),
+                                   columns=plan.columns,
+                                   include_paths=self._labels_need_paths(plan.columns),
+                                   num_cpus=_TASK_CPUS)
+        return ds.map_batches(self.documents, fn_kwargs={"default": plan.default_label},
+                              batch_size=batch_size, batch_format="pyarrow",
+                              num_cpus=_TASK_CPUS)
+
+
+class _LayoutReader(Reader):
+    """A dataset whose directory layout names each folder's language: one folder per tag."""
+
+    finds_languages = True
+    layout: ClassVar[str]  # the folder pattern, for the error when none is there
+
+    @abstractmethod
+    def folder(self, root: str, tag: str) -> str:
+        """The folder holding ``tag``'s files."""
+
+    @abstractmethod
+    def file_label(self, path: str) -> str:
+        """The label a file's place in the layout gives its documents."""
+
+    def _files(self, fs: fsspec.AbstractFileSystem, root: str,
+               wanted: list[str]) -> tuple[list[str], list[str]]:
+        name = self.source.name
+        files: list[str] = []
+        found: list[str] = []
+        for tag in wanted:
+            folder = self.folder(root, tag)
+            if not fs.isdir(folder):
+                if self.source.languages:
+                    raise DataError(f"source {name!r}: no {self.name} folder for {tag}: "
+                                    f"{folder} does not exist")
+                continue
+            shards = sorted(f for f in fs.find(folder) if f.endswith(".parquet"))
+            if not shards:
+                raise DataError(f"source {name!r}: {folder} has no parquet files")
+            files += shards
+            found.append(tag)
+        if not files:
+            raise DataError(f"source {name!r}: no {self.layout} folder under {root} for any "
+                            f"of {', '.join(wanted) or 'the run languages'}")
+        return files, found
+
+    def labels(self, rows: pa.Table, default: str) -> list[str]:
+        paths = rows.column("path").to_pylist()  # one file per batch or a few
+        by_path = {path: self.file_label(path) for path in set(paths)}
+        return [by_path[path] for path in paths]
+
+    def _labels_need_paths(self, columns: list[str]) -> bool:
+        return True
+
+
+class FineWeb2Reader(_LayoutReader):
+    """FineWeb2: ``data/<tag>/train/*.parquet``; each document's ``language`` and
+    ``language_script`` columns label it where the files have them, else its folder."""
+
+    name = "fineweb2"
+    layout = "data/<tag>/train"
+
+    def folder(self, root: str, tag: str) -> str:
+        return f"{root}/data/{tag}/train"
+
+    def file_label(self, path: str) -> str:
+        return PurePosixPath(path).parts[-3]
+
+    def _columns(self, fs: fsspec.AbstractFileSystem, first: str) -> list[str]:
+        columns = [self.source.text_column]
+        if {"language", "language_script"} <= set(self._require(fs, first, columns)):
+            columns += ["language", "language_script"]
+        return columns
+
+    def labels(self, rows: pa.Table, default: str) -> list[str]:
+        if "language" not in rows.column_names:
+            return super().labels(rows, default)
+        return _canonical_labels([
+            f"{lang}_{script}" if lang and script else None for lang, script in
+            zip(rows.column("language").to_pylist(), rows.column("language_script").to_pylist(),
+                strict=True)])
+
+    def _labels_need_paths(self, columns: list[str]) -> bool:
+        return "language" not in columns
+
+
+class CulturaXReader(_LayoutReader):
+    """CulturaX: ``<iso639-1>/*.parquet``; the folder's CulturaX code is the label."""
+
+    name = "culturax"
+    layout = "<iso639-1>"
+
+    def folder(self, root: str, tag: str) -> str:
+        try:
+            return f"{root}/{culturax_code(tag)}"
+        except UnknownLanguageError:
+            return f"{root}/{tag}"
+
+    def file_label(self, path: str) -> str:
+        code = PurePosixPath(path).parts[-2]
+        try:
+            return culturax_tag(code)
+        except UnknownLanguageError:
+            return f"?{code}"
+
+
+class _FlatReader(Reader):
+    """Files of one kind anywhere under the path (or the path itself), with a text column and
+    an optional language column; the source's own ``languages`` label what that column does not."""
+
+    suffixes: ClassVar[tuple[str, ...]]
+
+    def _files(self, fs: fsspec.AbstractFileSystem, root: str,
+               wanted: list[str]) -> tuple[list[str], list[str]]:
+        if fs.isdir(root):
+            files = sorted(f for f in fs.find(root) if f.endswith(self.suffixes))
         else:
-            labels = [self.default_label] * batch.num_rows
-        return _doc_table(texts, bad, labels, src.name)
+            files = [root]
+        if not files:
+            raise DataError(f"source {self.source.name!r}: no {'/'.join(self.suffixes)} files "
+                            f"under {root}")
+        return files, wanted
+
+    def _columns(self, fs: fsspec.AbstractFileSystem, first: str) -> list[str]:
+        columns = [self.source.text_column]
+        if self.source.language_column:
+            columns.append(self.source.language_column)
+        self._require(fs, first, columns)
+        return columns
+
+    def labels(self, rows: pa.Table, default: str) -> list[str]:
+        if self.source.language_column:
+            return _canonical_labels(rows.column(self.source.language_column).to_pylist())
+        return [default] * rows.num_rows
 
 
-class _JsonLines:
-    """Whole jsonl files (bytes) → one document row per line; bad lines are counted drops."""
+class ParquetReader(_FlatReader):
+    """Plain parquet files."""
 
-    def __init__(self, source: DataSource, default_label: str) -> None:
-        self.source = source
-        self.default_label = default_label
-        self.cache: dict[str, str] = {}
+    name = "parquet"
+    suffixes = (".parquet",)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+
+class JsonlReader(_FlatReader):
+    """JSON lines, one document object per line, read as bytes and split here (Arrow's JSON
+    reader stops at the first invalid UTF-8 byte); a broken line is a counted drop, not an
+    error, because web dumps have a few."""
+
+    name = "jsonl"
+    suffixes = (".jsonl", ".json")
+
+    def _column_names(self, fs: fsspec.AbstractFileSystem, first: str) -> list[str] | None:
+        """The keys of the first non-blank line's object."""
+        with fs.open(first, "rb") as handle:
+            for raw in handle:
+                if raw.strip():
+                    try:
+                        row = json.loads(raw.decode("utf-8", errors="replace"))
+                    except json.JSONDecodeError as err:
+                        raise DataError(f"source {self.source.name!r}: {first} is not JSON "
+                                        f"lines ({err})") from None
+                    return list(row) if isinstance(row, dict) else []
+        return None
+
+    def split_lines(self, files: pa.Table, default: str) -> pa.Table:
+        """Whole files (a ``bytes`` column) → one document row per non-blank line; a line that
+        is not a JSON object with a string text is kept, empty, as a ``bad_json`` / ``no_text``
+        drop so the ledger counts it."""
         src = self.source
         texts: list[bytes | None] = []
-        raw_labels: list[Any] = []
+        raw_labels: list[str | None] = []
         broken: list[str] = []
-        for blob in batch.column("bytes").to_pylist():
+        for blob in files.column("bytes").to_pylist():
             for line in blob.splitlines():
                 if not line.strip():
                     continue
@@ -302,39 +438,40 @@ class _JsonLines:
                     texts.append(text.encode("utf-8", errors="surrogateescape"))
                 except UnicodeEncodeError:  # an escaped lone surrogate (\ud800) in the JSON
                     texts.append(text.encode("utf-8", errors="replace"))
-                raw_labels.append(row.get(src.language_column) if src.language_column else None)
+                label = row.get(src.language_column) if src.language_column else None
+                raw_labels.append(None if label is None else str(label))
                 broken.append("")
-        repaired, bad = repair_utf8(pa.array(texts, pa.binary()))
-        labels = (_canonical_labels(raw_labels, self.cache) if src.language_column
-                  else [self.default_label] * len(texts))
-        table = _doc_table(repaired, bad, labels, src.name)
+        rows = {src.text_column: pa.array(texts, pa.binary())}
+        if src.language_column:
+            rows[src.language_column] = pa.array(raw_labels, pa.string())
+        table = self.documents(pa.table(rows), default)
         drops = [b or d for b, d in zip(broken, table.column("drop").to_pylist(), strict=True)]
         return table.set_column(4, "drop", pa.array(drops, pa.string()))
 
+    def read(self, plan: SourceFiles, batch_size: int) -> Any:
+        import ray.data
 
-def _arrow_fs(fs: fsspec.AbstractFileSystem) -> Any:
-    if isinstance(fs, LocalFileSystem):
-        return None
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    return PyFileSystem(FSSpecHandler(fs))
+        ds = ray.data.read_binary_files(plan.files, filesystem=_arrow_fs(plan.fs),
+                                        num_cpus=_TASK_CPUS)
+        return ds.map_batches(self.split_lines, fn_kwargs={"default": plan.default_label},
+                              batch_size=1, batch_format="pyarrow", num_cpus=_TASK_CPUS)
 
 
-def read_source(plan: SourceFiles, batch_size: int) -> Any:
-    """A Ray Dataset of ``plan``'s documents in the document schema, in file and row order."""
-    import ray.data
+READERS: dict[str, type[Reader]] = {
+    reader.name: reader for reader in (FineWeb2Reader, CulturaXReader, JsonlReader, ParquetReader)
+}
 
-    src = plan.source
-    default = plan.languages[0] if (len(plan.languages) == 1 and src.languages) else ""
-    # Fractional CPUs: on a small machine the document operator's actors hold whole CPUs, and
-    # read tasks asking for a whole one would wait for them forever.
-    remote = {"num_cpus": 0.25}
-    if src.format == "jsonl":
-        ds = ray.data.read_binary_files(plan.files, filesystem=_arrow_fs(plan.fs), **remote)
-        return ds.map_batches(_JsonLines(src, default), batch_size=1, batch_format="pyarrow",
-                              num_cpus=0.25)
-    needs_path = src.format in ("fineweb2", "culturax") and "language" not in plan.columns
-    ds = ray.data.read_parquet(plan.files, filesystem=_arrow_fs(plan.fs), columns=plan.columns,
-                               include_paths=needs_path, **remote)
-    return ds.map_batches(_Standardize(src, default), batch_size=batch_size,
-                          batch_format="pyarrow", num_cpus=0.25)
+
+def reader_for(format_name: str) -> type[Reader]:
+    """The reader class of a source ``format``; an unknown one is an error naming the known."""
+    try:
+        return READERS[format_name]
+    except KeyError:
+        raise DataError(f"unknown source format {format_name!r}; known formats: "
+                        f"{', '.join(READERS)}") from None
+
+
+def resolve_source(source: DataSource, languages: list[str],
+                   run_dir: str | None = None) -> SourceFiles:
+    """``source`` resolved by its format's reader (see :meth:`Reader.resolve`)."""
+    return reader_for(source.format)(source).resolve(languages, run_dir)
