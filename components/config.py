@@ -17,7 +17,7 @@ import os
 import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -103,6 +103,65 @@ LangTag = Annotated[str, AfterValidator(_lang_tag)]
 """A language code normalised to its canonical iso639-3_Script tag (``sw`` → ``swh_Latn``)."""
 
 
+def _registered(what: str, names: Callable[[], Iterable[str]]) -> AfterValidator:
+    """A validator accepting the names of one registry, read when a value is checked: each list
+    of names lives once, in its registry, and the schema stays cheap to import."""
+
+    def check(value: str) -> str:
+        known = list(names())
+        if value not in known:
+            close = difflib.get_close_matches(value, known, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"unknown {what} {value!r}; {hint}known: {', '.join(known)}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _formats() -> Iterable[str]:
+    from components.data.readers import READERS
+
+    return READERS
+
+
+def _dense_types() -> Iterable[str]:
+    from components.moe.families import DENSE_TYPES
+
+    return DENSE_TYPES
+
+
+def _methods() -> Iterable[str]:
+    from components.delta.methods import METHODS
+
+    return METHODS
+
+
+def _baselines() -> Iterable[str]:
+    from components.variants import BASELINES
+
+    return BASELINES
+
+
+def _variants() -> Iterable[str]:
+    from components.variants import VARIANTS
+
+    return VARIANTS
+
+
+def _suites() -> Iterable[str]:
+    from components.evaluate.catalog import suites
+
+    return suites()
+
+
+SourceFormat = Annotated[str, _registered("source format", _formats)]
+DenseType = Annotated[str, _registered("model family", _dense_types)]
+GraftMethod = Annotated[str, _registered("graft method", _methods)]
+Baseline = Annotated[str, _registered("baseline variant", _baselines)]
+VariantName = Annotated[str, _registered("variant", _variants)]
+Suite = Annotated[str, _registered("evaluation suite", _suites)]
+
+
 class _Section(BaseModel):
     """Base of every section: unknown keys are errors, values are immutable once loaded."""
 
@@ -151,7 +210,7 @@ class DataSource(_MaskedOptions, _Section):
     """One corpus. ``fineweb2``/``culturax`` know their directory layouts; jsonl/parquet don't."""
 
     name: str = Field(min_length=1)
-    format: Literal["fineweb2", "culturax", "jsonl", "parquet"]
+    format: SourceFormat = Field(description="a reader of components.data.readers.READERS")
     path: str = Field(min_length=1,
                       description="local path or fsspec URI; {run_dir} expands to the run dir")
     text_column: str = "text"
@@ -307,7 +366,6 @@ class TrainConfig(_Section):
     review: ReviewConfig = ReviewConfig()
 
 
-GraftMethod = Literal["deltamoe", "param_delta", "task_arithmetic", "ties", "dare"]
 TensorFamily = Literal["attention", "mlp", "norm", "embed", "lm_head"]
 
 
@@ -323,20 +381,8 @@ class GraftConfig(_Section):
     verify: bool = False
 
 
-Variant = Literal[
-    "cpt_dense", "param_delta", "task_arithmetic", "ties", "dare",
-    "flops_matched", "param_matched", "layermoe", "cpt_moe",
-]
-
-
 class BaselinesConfig(_Section):
-    variants: list[Variant] = Field(default_factory=lambda: ["cpt_dense", "param_delta"])
-
-
-Suite = Literal[
-    "synthetic", "belebele", "xcopa", "xnli", "mgsm", "global_mmlu", "xstorycloze",
-    "xwinograd", "pawsx", "flores", "perplexity",
-]
+    variants: list[Baseline] = Field(default_factory=lambda: ["cpt_dense", "param_delta"])
 
 
 class EvaluationConfig(_Section):
@@ -346,7 +392,7 @@ class EvaluationConfig(_Section):
     limit: int | None = Field(None, ge=1)
     num_fewshot: int = Field(0, ge=0)
     max_gen_tokens: int = Field(32, ge=1)
-    variants: list[str] | None = None
+    variants: list[VariantName] | None = None
 
 
 class TrackingConfig(_Section):
@@ -415,7 +461,7 @@ class WorldConfig(_Section):
     """The synthetic demo world; when set it makes the model pair if ``models`` is absent."""
 
     seed: int = 0
-    arch: Literal["llama", "qwen2"] = "llama"
+    arch: DenseType = "llama"
     num_people: int = Field(160, ge=8)
     docs_per_language: int = Field(800, ge=10)
     vocab_size: int = Field(4096, ge=300)

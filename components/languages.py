@@ -28,6 +28,7 @@ __all__ = [
     "Language",
     "UnknownLanguageError",
     "belebele_tags",
+    "benchmark_names",
     "canonical_tag",
     "culturax_code",
     "culturax_codes",
@@ -314,8 +315,13 @@ def languages_with_task(benchmark: str) -> list[str]:
     found = [t for t, lang in _table().items() if benchmark in lang.tasks]
     if not found:
         raise KeyError(f"unknown benchmark {benchmark!r}; known: "
-                       f"{', '.join(sorted({'belebele', *_BENCHMARKS}))}")
+                       f"{', '.join(benchmark_names())}")
     return found
+
+
+def benchmark_names() -> list[str]:
+    """Every benchmark whose per-language task names this module knows (Belebele first)."""
+    return ["belebele", *_BENCHMARKS]
 
 
 def known_tags() -> list[str]:

@@ -113,7 +113,7 @@ def _routing(metrics: Mapping[str, float]) -> dict[int, dict[str, list[float]]]:
 
 
 def _manifests(run_dir: RunDir) -> Iterable[tuple[str, Manifest]]:
-    """Every completed stage folder, one level deep (``models/<variant>``, ``eval-parts/<v>``)."""
+    """Every completed stage folder, one level deep (``models/<variant>``, ``eval_parts/<v>``)."""
     fs, root = run_dir.fs, run_dir.uri
     try:
         entries = sorted(fs.ls(root, detail=False))

@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from components.config import parse_config
-from components.evaluate import evaluate_model, read_results
-from components.evaluate.results import ResultRow, comparison_table
+from components.evaluate.results import ResultRow, comparison_table, read_results
+from components.evaluate.runner import evaluate_model
 from components.moe.upcycle import UpcycleOptions, upcycle
 from components.storage import RunDir
 from components.synthetic.build import build_world

@@ -96,7 +96,7 @@ def test_world_pair_and_cpt_variants_inline(tmp_path: Path) -> None:
 
     from transformers import AutoModelForCausalLM
 
-    import components.moe  # noqa: F401
+    import components.moe.modeling  # noqa: F401
 
     model = AutoModelForCausalLM.from_pretrained(out)
     assert type(model).__name__ == "MixtralForCausalLM"

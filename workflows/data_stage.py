@@ -1,5 +1,5 @@
 """The data stage of a run: ``data/`` (continued pre-training data) and, for a synthetic-world
-run, ``base-data/`` (the original languages only, to pre-train the world's tiny base).
+run, ``base_data/`` (the original languages only, to pre-train the world's tiny base).
 
 Both call :func:`components.data.prepare_data` inside ``StageDir.build``, so a failed or killed
 run leaves no folder that looks complete, and both are skipped when their fingerprint (the data
@@ -18,13 +18,13 @@ from typing import Any
 from components.config import DataConfig, RunConfig
 from components.data import DataResult, prepare_data
 from components.data.readers import resolve_source
-from components.storage import Manifest, RunDir, StageDir, fingerprint
+from components.storage import Manifest, RunDir, StageBuild, StageDir, fingerprint
 from components.tracking import RankZeroLogger
 
 log = logging.getLogger(__name__)
 
 STAGE = "data"
-BASE_STAGE = "base-data"
+BASE_STAGE = "base_data"
 
 
 def tokenizer_dir(cfg: RunConfig, run_dir: RunDir) -> Path:
@@ -67,22 +67,21 @@ def _ensure(cfg: RunConfig, run_dir: RunDir, stage_name: str, languages: list[st
     fp = fingerprint("data", data.model_dump(mode="json", exclude={"actors"}), languages,
                      list(cfg.languages.original), cfg.seed, _tokenizer_identity(tokenizer),
                      _sources_identity(data, languages, run_dir))
-    if stage.is_complete(fp):
-        manifest = stage.read_manifest()
-        assert manifest is not None
-        return manifest, False
-    with stage.build(fp, inputs={"tokenizer": str(tokenizer)},
-                     config=data.model_dump(mode="json")) as work:
-        result = prepare_data(data, languages, cfg.languages.original, tokenizer, work.uri,
-                              run_dir=local, seed=cfg.seed,
-                              storage_options=cfg.storage.storage_options)
-        work.extra["data"] = {k: v for k, v in result.to_dict().items() if k != "files"}
-    manifest = stage.read_manifest()
-    assert manifest is not None
-    if logger is not None:
-        log_data(logger, result)
-    _print_summary(result)
-    return manifest, True
+    results: list[DataResult] = []
+
+    def build(work: StageBuild) -> None:
+        results.append(prepare_data(data, languages, cfg.languages.original, tokenizer,
+                                    work.uri, run_dir=local, seed=cfg.seed,
+                                    storage_options=cfg.storage.storage_options))
+        work.extra["data"] = {k: v for k, v in results[0].to_dict().items() if k != "files"}
+
+    manifest, built = stage.ensure(fp, build, inputs={"tokenizer": str(tokenizer)},
+                                   config=data.model_dump(mode="json"))
+    if built:
+        if logger is not None:
+            log_data(logger, results[0])
+        _print_summary(results[0])
+    return manifest, built
 
 
 def log_data(logger: RankZeroLogger, result: DataResult) -> None:
@@ -108,13 +107,13 @@ def _print_summary(result: DataResult) -> None:
 def ensure_data(cfg: RunConfig, run_dir: RunDir,
                 logger: RankZeroLogger | None = None) -> tuple[Manifest, bool]:
     """Build (or skip) ``data/``: every run language, mixed as ``data.mix`` asks."""
-    languages = [*cfg.languages.original, *cfg.languages.new]
+    languages = cfg.languages.all
     return _ensure(cfg, run_dir, STAGE, languages, tokenizer_dir(cfg, run_dir), logger)
 
 
 def ensure_base_data(cfg: RunConfig, run_dir: RunDir,
                      logger: RankZeroLogger | None = None) -> tuple[Manifest, bool]:
-    """Build (or skip) ``base-data/``: the original languages only, tokenized with the world
+    """Build (or skip) ``base_data/``: the original languages only, tokenized with the world
     model's tokenizer, for pre-training the world's tiny base from scratch."""
     local = run_dir.local_path
     if local is None or not (local / "world" / "model" / "config.json").exists():

@@ -1,13 +1,14 @@
-"""The evaluate stage of a run: every model variant on the configured suites, into ``eval/``.
+"""The evaluate stage of a run: each model variant on the configured suites, then the tables.
 
-Each variant is evaluated into its own atomic folder ``eval-parts/<variant>/`` (rows, and for an
-MoE its expert load per language), skipped when the variant's model manifest and the evaluation
-settings are unchanged — so a rerun after a crash, or after one more baseline was built,
-evaluates only what is new. The ``eval`` stage is then assembled from the parts: one JSON per
-variant (the ``{task, lang, metric, value, stderr, n}`` rows), the comparison table, the plots
-and the routing analysis (CPT-MoE vs DeltaMoE: the drift the graft causes). MLflow gets a child
-run per variant tagged ``variant=<name>`` with metrics ``eval/<task>/<lang>/<metric>``, and the
-``evaluate`` child run holds the results table, the plots and the routing tables.
+Each variant is evaluated by its own workflow node (a Ray task where the evaluation resources
+are) into its own atomic folder ``eval_parts/<variant>/`` (rows, and for an MoE its expert load
+per language), skipped when the variant's model manifest and the evaluation settings are
+unchanged — so a rerun after a crash, or after one more baseline was built, evaluates only what
+is new. The ``eval`` stage is then assembled from the parts: one JSON per variant (the
+``{task, lang, metric, value, stderr, n}`` rows), the comparison table, the plots and the routing
+analysis (CPT-MoE vs DeltaMoE: the drift the graft causes). MLflow gets a child run per variant
+(``eval_<variant>``, tagged ``variant=<name>``) with metrics ``eval/<task>/<lang>/<metric>``, and
+the ``evaluate`` child run holds the results table, the plots and the routing tables.
 """
 
 from __future__ import annotations
@@ -28,69 +29,60 @@ from components.evaluate.results import (
     write_results,
 )
 from components.evaluate.results import comparison_table as _table
-from components.storage import RunDir, fingerprint
-from components.tracking import ExpansionTracker
+from components.storage import Manifest, RunDir, StageBuild, fingerprint
+from components.tracking import ExpansionTracker, RankZeroLogger
 
-__all__ = ["EVAL_STAGE", "PARTS", "comparison_table", "discover_variants", "ensure_evaluated"]
+__all__ = ["EVAL_STAGE", "PARTS", "comparison_table", "discover_variants", "ensure_assembled",
+           "ensure_evaluated", "ensure_variant_evaluated", "read_evaluated", "variant_model_dir"]
 
 log = logging.getLogger(__name__)
 
 EVAL_STAGE = "eval"
-PARTS = "eval-parts"
+PARTS = "eval_parts"
 EVAL_VERSION = 1
-# Variant name → folder under models/, in the order tables list them.
-RUN_VARIANTS = {
-    "base": "models/base", "post": "models/post", "cpt_dense": "models/cpt-dense",
-    "param_delta": "models/param_delta", "task_arithmetic": "models/task_arithmetic",
-    "ties": "models/ties", "dare": "models/dare", "flops_matched": "models/flops_matched",
-    "cpt_moe": "models/cpt-moe", "param_matched": "models/param_matched",
-    "layermoe": "models/layermoe", "deltamoe": "models/deltamoe",
-}
-# Intermediate folders that are not variants of their own.
-_INTERMEDIATE = ("moe-init", "cpt-moe-", "flops-matched")
 ROUTING_BEFORE_AFTER = ("cpt_moe", "deltamoe")
 ROUTING_DOCS = 32
 
 
-def _is_intermediate(name: str) -> bool:
-    return name.startswith(_INTERMEDIATE[0]) or name.startswith(_INTERMEDIATE[1]) or \
-        name == _INTERMEDIATE[2]
+def variant_model_dir(cfg: RunConfig, run_dir: RunDir, name: str) -> Path:
+    """Where variant ``name``'s model is: the base and post inputs, else ``models/<name>``
+    (which must be complete)."""
+    from workflows.upcycle_stage import base_model_dir
+
+    if name == "base":
+        return base_model_dir(cfg, run_dir)
+    if name == "post" and cfg.models is not None:
+        return Path(cfg.models.post).expanduser()
+    local = run_dir.local_path
+    folder = local / "models" / name if local is not None else None
+    if folder is None or run_dir.stage(f"models/{name}").read_manifest() is None \
+            or not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir.uri}/models/{name}: variant {name!r} has not been "
+                                "built yet")
+    return folder
 
 
 def discover_variants(cfg: RunConfig, run_dir: RunDir) -> dict[str, Path]:
-    """Every model variant present in the run (or configured): name → model directory."""
-    from workflows.upcycle_stage import base_model_dir
+    """Every registered variant present in the run: name → model directory, in table order
+    (kept by ``evaluation.variants`` when set)."""
+    from components.variants import VARIANTS
 
     found: dict[str, Path] = {}
-    try:
-        found["base"] = base_model_dir(cfg, run_dir)
-    except FileNotFoundError as err:
-        log.info("no base model to evaluate: %s", err)
-    if cfg.models is not None and Path(cfg.models.post).expanduser().is_dir():
-        found["post"] = Path(cfg.models.post).expanduser()
-    local = run_dir.local_path
-    models = local / "models" if local is not None else None
-    if models is not None and models.is_dir():
-        known = {folder.split("/", 1)[1]: name for name, folder in RUN_VARIANTS.items()}
-        for folder in sorted(p for p in models.iterdir() if p.is_dir()):
-            if _is_intermediate(folder.name) or ".tmp-" in folder.name:
-                continue
-            name = known.get(folder.name, folder.name.replace("-", "_"))
-            if name in found or run_dir.stage(f"models/{folder.name}").read_manifest() is None \
-                    or not (folder / "config.json").is_file():
-                continue
-            found[name] = folder
-    order = list(RUN_VARIANTS)
-    ranked = sorted(found, key=lambda n: (order.index(n) if n in order else len(order), n))
-    chosen = {n: found[n] for n in ranked}
+    for name in VARIANTS:
+        try:
+            found[name] = variant_model_dir(cfg, run_dir, name)
+        except FileNotFoundError:
+            continue
+    if "post" in found and not found["post"].is_dir():
+        del found["post"]  # a hub id: nothing local to evaluate
     wanted = cfg.evaluation.variants
     if wanted is not None:
-        missing = [v for v in wanted if v not in chosen]
+        missing = [v for v in wanted if v not in found]
         if missing:
             log.warning("evaluation.variants names variants this run does not have yet: %s "
-                        "(present: %s)", ", ".join(missing), ", ".join(chosen) or "none")
-        chosen = {n: p for n, p in chosen.items() if n in wanted}
-    return chosen
+                        "(present: %s)", ", ".join(missing), ", ".join(found) or "none")
+        found = {n: p for n, p in found.items() if n in wanted}
+    return found
 
 
 def model_fingerprint(model_dir: Path) -> str:
@@ -174,30 +166,44 @@ def _base_or_none(cfg: RunConfig, run_dir: RunDir) -> Path | None:
         return None
 
 
-def _evaluate_variant(name: str, model_dir: Path, cfg: RunConfig, run_dir: RunDir,
-                      options: Any, texts: Mapping[str, list[str]]) -> tuple[list[ResultRow],
-                                                                             str, bool]:
-    """Rows of one variant, from its part folder or freshly evaluated; (rows, fp, built)."""
+def ensure_variant_evaluated(cfg: RunConfig, run_dir: RunDir, name: str,
+                             logger: RankZeroLogger | None = None, *,
+                             model_dir: Path | None = None) -> tuple[Manifest, bool]:
+    """Evaluate variant ``name`` in this process into ``eval_parts/<name>`` (skipped when its
+    model and the settings are unchanged); metrics go to ``logger``'s run when built."""
     from components.evaluate.routing import routing_load
     from components.evaluate.runner import evaluate_loaded, load_for_eval
+    from components.evaluate.suites import build_suite_tasks
 
+    model_dir = model_dir or variant_model_dir(cfg, run_dir, name)
+    options = _options(cfg, run_dir)
+    texts = _routing_texts(cfg, run_dir, _base_or_none(cfg, run_dir))
     stage = run_dir.stage(f"{PARTS}/{name}")
     fp, settings = _part_fingerprint(model_dir, cfg, options, texts)
-    if stage.is_complete(fp):
-        return read_results(Path(stage.path) / "results.json"), fp, False
-    log.info("evaluating %s (%s)", name, model_dir)
-    model, tokenizer = load_for_eval(model_dir, options.device)
-    rows = evaluate_loaded(model, tokenizer, cfg.languages.all, options)
-    load = routing_load(model, tokenizer, texts, max_docs=ROUTING_DOCS) if texts else None
-    del model
-    with stage.build(fp, inputs={"model": str(model_dir)}, config=settings) as work:
+    # every suite's data is checked before the model is loaded
+    build_suite_tasks(options.suites, cfg.languages.all, world_eval_dir=options.world_eval_dir,
+                      data_dir=options.data_dir, original=list(options.original))
+    rows: list[ResultRow] = []
+    load: dict[int, dict[str, list[float]]] | None = None
+
+    def build(work: StageBuild) -> None:
+        nonlocal rows, load
+        log.info("evaluating %s (%s)", name, model_dir)
+        model, tokenizer = load_for_eval(model_dir, options.device)
+        rows = evaluate_loaded(model, tokenizer, cfg.languages.all, options)
+        load = routing_load(model, tokenizer, texts, max_docs=ROUTING_DOCS) if texts else None
+        del model
         write_results(work.path / "results.json", name, rows,
                       meta={"model": str(model_dir), "fingerprint": fp})
         if load is not None:
             (work.path / "routing.json").write_text(json.dumps(
                 {str(layer): by for layer, by in load.items()}, indent=1) + "\n")
         work.extra["rows"] = len(rows)
-    return rows, fp, True
+
+    manifest, built = stage.ensure(fp, build, inputs={"model": str(model_dir)}, config=settings)
+    if built and logger is not None:
+        _log_variant(logger, name, model_dir, fp, rows, load)
+    return manifest, built
 
 
 def _read_load(part: Path) -> dict[int, dict[str, list[float]]] | None:
@@ -255,12 +261,8 @@ def _assemble(cfg: RunConfig, run_dir: RunDir, evaluated: Mapping[str, list[Resu
             "comparison": comparison_rows(evaluated, original, new)}
 
 
-def _log_variant(tracker: ExpansionTracker, name: str, model_dir: Path, fp: str,
+def _log_variant(logger: RankZeroLogger, name: str, model_dir: Path, fp: str,
                  rows: Sequence[ResultRow], load: Any) -> None:
-    from components.tracking import RankZeroLogger
-
-    run_id = tracker.stage_run_id(f"eval-{name}")
-    logger = RankZeroLogger(tracker.tracking_uri, run_id, rank=0)
     logger.set_tags({"variant": name})
     logger.log_params({"variant": name, "model": str(model_dir), "eval_fingerprint": fp})
     metrics = {f"eval/{r.task}/{r.lang}/{r.metric}": r.value for r in rows}
@@ -268,88 +270,98 @@ def _log_variant(tracker: ExpansionTracker, name: str, model_dir: Path, fp: str,
         metrics.update({f"router/load/{layer}/{e}/{lang}": share for layer, by in load.items()
                         for lang, row in by.items() for e, share in enumerate(row)})
     logger.log_metrics(metrics, step=0)
-    tracker.client.set_terminated(run_id, status="FINISHED")
+
+
+def read_evaluated(run_dir: RunDir, variants: Sequence[str]) -> dict[str, list[ResultRow]]:
+    """Rows of each of ``variants`` whose evaluation part is complete, in that order."""
+    out: dict[str, list[ResultRow]] = {}
+    for name in variants:
+        part = run_dir.stage(f"{PARTS}/{name}")
+        if part.read_manifest() is not None:
+            out[name] = read_results(Path(part.path) / "results.json")
+    return out
+
+
+def ensure_assembled(cfg: RunConfig, run_dir: RunDir, variants: Sequence[str],
+                     logger: RankZeroLogger | None = None) -> tuple[Manifest, bool]:
+    """The ``eval`` stage from the parts of ``variants`` and of every other variant already
+    evaluated with these settings (``--variant post`` must not drop the others)."""
+    parts = Path(run_dir.stage(PARTS).path)
+    others = sorted(p.name for p in parts.iterdir() if p.is_dir() and ".tmp-" not in p.name) \
+        if parts.is_dir() else []
+    from workflows.plan import evaluated_variants
+
+    order = evaluated_variants(cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(
+        update={"variants": None})}), [*variants, *others])
+    evaluated = read_evaluated(run_dir, order)
+    missing = [v for v in variants if v not in evaluated]
+    if missing:
+        raise FileNotFoundError(f"{run_dir.uri}/{PARTS}: not evaluated yet: {', '.join(missing)}")
+    fps = {name: run_dir.stage(f"{PARTS}/{name}").read_manifest().fingerprint  # type: ignore[union-attr]
+           for name in evaluated}
+    loads = {name: load for name in evaluated
+             if (load := _read_load(Path(run_dir.stage(f"{PARTS}/{name}").path))) is not None}
+    stage = run_dir.stage(EVAL_STAGE)
+    stage_fp = fingerprint("eval-stage", EVAL_VERSION, fps, cfg.languages.model_dump())
+    summary: dict[str, Any] = {}
+
+    def build(work: StageBuild) -> None:
+        summary.update(_assemble(cfg, run_dir, evaluated, loads, work.path))
+        work.extra["variants"] = list(evaluated)
+        work.extra["comparison"] = summary["comparison"]
+
+    manifest, built = stage.ensure(stage_fp, build, inputs={"variants": list(evaluated)},
+                                   config={"fingerprints": fps})
+    if built and logger is not None:
+        _log_stage(logger, Path(stage.path), summary)
+    return manifest, built
 
 
 def ensure_evaluated(cfg: RunConfig, run_dir: RunDir, variants: Mapping[str, Path] | None = None,
                      tracker: ExpansionTracker | None = None) -> dict[str, list[ResultRow]]:
-    """Evaluate every variant present in the run (or ``variants``) into ``eval/``; variant →
-    rows. Unchanged variants are read back, not re-evaluated."""
-    from components.evaluate.suites import build_suite_tasks
-
+    """Evaluate every variant present in the run (or ``variants``) in this process, then
+    assemble ``eval/``; variant → rows. For libraries and tests: the workflow runs each variant
+    as its own node instead."""
     chosen = dict(variants) if variants is not None else discover_variants(cfg, run_dir)
     if not chosen:
         raise FileNotFoundError(f"{run_dir.uri}: no model variant to evaluate yet (models/ has "
                                 "none with a manifest, and no base model is configured)")
-    options = _options(cfg, run_dir)
-    # every suite's data is checked before the first model is loaded
-    build_suite_tasks(options.suites, cfg.languages.all, world_eval_dir=options.world_eval_dir,
-                      data_dir=options.data_dir, original=list(options.original))
-    texts = _routing_texts(cfg, run_dir, _base_or_none(cfg, run_dir))
-    evaluated: dict[str, list[ResultRow]] = {}
-    fps: dict[str, str] = {}
-    loads: dict[str, Any] = {}
     for name, model_dir in chosen.items():
-        rows, fp, built = _evaluate_variant(name, Path(model_dir), cfg, run_dir, options, texts)
-        evaluated[name], fps[name] = rows, fp
-        load = _read_load(Path(run_dir.stage(f"{PARTS}/{name}").path))
-        if load is not None:
-            loads[name] = load
-        if tracker is not None and built:
-            _log_variant(tracker, name, Path(model_dir), fp, rows, load)
-    # the eval stage shows every variant of the run already evaluated with these settings, not
-    # only the ones asked for this time (``--variant post`` must not drop the others)
-    if variants is None and cfg.evaluation.variants is not None:
-        unfiltered = cfg.evaluation.model_copy(update={"variants": None})
-        everything = discover_variants(cfg.model_copy(update={"evaluation": unfiltered}), run_dir)
-        for name, model_dir in everything.items():
-            if name in evaluated:
-                continue
-            fp, _ = _part_fingerprint(Path(model_dir), cfg, options, texts)
-            part = run_dir.stage(f"{PARTS}/{name}")
-            if part.is_complete(fp):
-                evaluated[name] = read_results(Path(part.path) / "results.json")
-                fps[name] = fp
-                load = _read_load(Path(part.path))
-                if load is not None:
-                    loads[name] = load
-        order = list(everything)
-        evaluated = {n: evaluated[n] for n in sorted(evaluated, key=order.index)}
-    stage = run_dir.stage(EVAL_STAGE)
-    stage_fp = fingerprint("eval-stage", EVAL_VERSION, fps, cfg.languages.model_dump())
-    if stage.is_complete(stage_fp):
-        return evaluated
-    with stage.build(stage_fp, inputs={"variants": {n: str(p) for n, p in chosen.items()}},
-                     config={"fingerprints": fps}) as work:
-        summary = _assemble(cfg, run_dir, evaluated, loads, work.path)
-        work.extra["variants"] = list(evaluated)
-        work.extra["comparison"] = summary["comparison"]
-    if tracker is not None:
-        _log_stage(tracker, Path(stage.path), summary)
-    return evaluated
+        if tracker is None:
+            ensure_variant_evaluated(cfg, run_dir, name, model_dir=Path(model_dir))
+            continue
+        with tracker.stage(f"eval_{name}") as logger:
+            ensure_variant_evaluated(cfg, run_dir, name, logger, model_dir=Path(model_dir))
+    if tracker is None:
+        ensure_assembled(cfg, run_dir, list(chosen))
+    else:
+        with tracker.stage("evaluate") as logger:
+            ensure_assembled(cfg, run_dir, list(chosen), logger)
+    manifest = run_dir.stage(EVAL_STAGE).read_manifest()
+    assert manifest is not None
+    return read_evaluated(run_dir, manifest.extra["variants"])
 
 
-def _log_stage(tracker: ExpansionTracker, folder: Path, summary: Mapping[str, Any]) -> None:
+def _log_stage(logger: RankZeroLogger, folder: Path, summary: Mapping[str, Any]) -> None:
     import pandas as pd
 
-    with tracker.stage("evaluate") as logger:
-        client = tracker.client
-        client.log_table(logger.run_id, data=pd.DataFrame(summary["flat"]),
-                         artifact_file="eval/results.json")
-        if summary["routing"]:
-            client.log_table(logger.run_id, data=pd.DataFrame(summary["routing"]),
-                             artifact_file="eval/routing_load.json")
-        client.log_text(logger.run_id, summary["table"], "eval/comparison.md")
-        client.log_artifacts(logger.run_id, str(folder / "plots"), "eval/plots")
-        if (folder / "routing").is_dir():
-            client.log_artifacts(logger.run_id, str(folder / "routing"), "eval/routing")
-        metrics = {}
-        for row in summary["comparison"]:
-            for group in ("original", "new"):
-                if row[group] is not None:
-                    metrics[f"eval/{row['task']}/avg_{group}/{row['metric']}/{row['variant']}"] \
-                        = row[group]
-        logger.log_metrics(metrics, step=0)
+    client = logger.client
+    client.log_table(logger.run_id, data=pd.DataFrame(summary["flat"]),
+                     artifact_file="eval/results.json")
+    if summary["routing"]:
+        client.log_table(logger.run_id, data=pd.DataFrame(summary["routing"]),
+                         artifact_file="eval/routing_load.json")
+    client.log_text(logger.run_id, summary["table"], "eval/comparison.md")
+    client.log_artifacts(logger.run_id, str(folder / "plots"), "eval/plots")
+    if (folder / "routing").is_dir():
+        client.log_artifacts(logger.run_id, str(folder / "routing"), "eval/routing")
+    metrics = {}
+    for row in summary["comparison"]:
+        for group in ("original", "new"):
+            if row[group] is not None:
+                metrics[f"eval/{row['task']}/avg_{group}/{row['metric']}/{row['variant']}"] \
+                    = row[group]
+    logger.log_metrics(metrics, step=0)
 
 
 def comparison_table(cfg: RunConfig, evaluated: Mapping[str, Sequence[ResultRow]]) -> str:

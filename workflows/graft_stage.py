@@ -2,9 +2,9 @@
 
 Inputs come from the run directory and the config: the dense base (``models.base`` or the world's
 model), the post-trained sibling (``models.post``, or ``models/post`` that the demo trains on the
-world), and the target the method needs — ``models/cpt-moe`` for DeltaMoE, ``models/cpt-dense``
-for the dense baselines. Each method writes ``models/<method>`` atomically, skipped when its
-manifest matches.
+world), and the target the method's variant grafts onto (:func:`components.variants.graft_target`:
+``models/cpt_moe`` for DeltaMoE, ``models/cpt_dense`` for the dense baselines). Each writes
+``models/<variant>`` atomically, skipped when its manifest matches.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 from components.config import RunConfig
-from components.delta.graft import GraftInputs, GraftOptions, GraftResult, graft, parse_size, verify
+from components.delta.graft import GraftInputs, GraftOptions, GraftResult, graft, parse_size
 from components.delta.methods import get_method
-from components.storage import Manifest, RunDir, fingerprint
+from components.delta.verify import verify
+from components.storage import Manifest, RunDir, StageBuild, StageDir, fingerprint
 from components.tracking import RankZeroLogger
+from components.variants import get_variant, graft_target
 from workflows.upcycle_stage import base_model_dir
-
-TARGET_STAGE = {"target_moe": "models/cpt-moe", "target_dense": "models/cpt-dense"}
 
 
 def _stage_model(run_dir: RunDir, stage: str, produced_by: str) -> Path:
@@ -33,8 +33,9 @@ def _stage_model(run_dir: RunDir, stage: str, produced_by: str) -> Path:
 
 
 def default_target(method: str) -> str:
-    """The stage whose model ``method`` grafts onto: the CPT-MoE, or the CPT-dense model."""
-    return TARGET_STAGE["target_moe" if get_method(method).moe_target else "target_dense"]
+    """The stage whose model ``method`` grafts onto, from the method's own variant."""
+    get_method(method)  # an unknown method is named as such
+    return f"models/{graft_target(get_variant(method))}"
 
 
 def graft_inputs(cfg: RunConfig, run_dir: RunDir, method: str,
@@ -73,21 +74,31 @@ def ensure_grafted(cfg: RunConfig, run_dir: RunDir, method: str | None = None,
     target_fp = run_dir.stage(target_stage or default_target(options.method)).read_manifest()
     fp = fingerprint("graft", asdict(inputs), {**asdict(options), "workers": None},
                      [target_fp.fingerprint if target_fp else None])
-    if stage.is_complete(fp):
-        manifest = stage.read_manifest()
-        assert manifest is not None
-        return manifest, False
-    with stage.build(fp, inputs=asdict(inputs), config=asdict(options)) as work:
-        result: GraftResult = graft(inputs, work.path, options)
-        if cfg.graft.verify:
-            work.extra["verified"] = verify(inputs, work.path, options)
-        work.extra["graft"] = asdict(result)
-    manifest = stage.read_manifest()
-    assert manifest is not None
-    if logger is not None:
+    manifest, result = build_grafted(stage, fp, inputs, options, verify_output=cfg.graft.verify)
+    if result is not None and logger is not None:
         logger.log_params({"graft": {"method": result.method, "formula": result.formula}})
         logger.log_metrics({"graft/tensors": result.tensors, "graft/bytes": result.bytes,
                             "graft/units": result.units}, step=0)
         logger.log_external_model(name or result.method, stage.uri, manifest,
                                   model_type="hf-causal-lm")
-    return manifest, True
+    return manifest, result is not None
+
+
+def build_grafted(stage: StageDir, stage_fingerprint: str, inputs: GraftInputs,
+                  options: GraftOptions, *, verify_output: bool = False,
+                  refuse_foreign: bool = False) -> tuple[Manifest, GraftResult | None]:
+    """Graft into ``stage`` unless its manifest matches: the one skip-or-build path of the
+    run's graft stages and of ``deltamoe graft --base ... --out ...``. Returns (manifest, the
+    graft's result or None when skipped); ``verify_output`` checks a sample of the output
+    against an independent computation before the stage commits."""
+    done: list[GraftResult] = []
+
+    def build(work: StageBuild) -> None:
+        done.append(graft(inputs, work.path, options))
+        if verify_output:
+            work.extra["verified"] = verify(inputs, work.path, options)
+        work.extra["graft"] = asdict(done[0])
+
+    manifest, _ = stage.ensure(stage_fingerprint, build, inputs=asdict(inputs),
+                               config=asdict(options), refuse_foreign=refuse_foreign)
+    return manifest, done[0] if done else None

@@ -1,16 +1,17 @@
 """The training stages of a run: CPT of the MoE and of the dense baselines, and the world's pair.
 
-``ensure_trained(cfg, run_dir, variant)`` trains one variant into ``models/<variant>``:
+``ensure_trained(cfg, run_dir, variant)`` trains what a variant of
+:data:`components.variants.VARIANTS` trains, into ``models/<variant.trained>``:
 
-* ``cpt-moe`` — the upcycled MoE (``models/moe-init``) on the data stage's parquet;
-  ``cpt-moe-<v>`` the same from ``models/moe-init-<v>`` (a baseline's own upcycle);
-* ``cpt-dense`` — the dense base on the same data, everything trainable (the ParamΔ baseline);
-* ``flops-matched`` — the same with the token budget scaled by the MoE's active-FLOPs ratio
-  (``extra.upcycle.active_ratio`` of the moe-init manifest).
+* an MoE variant (``cpt_moe``, ``param_matched``, ``layermoe``) trains its upcycled MoE
+  (``models/moe_init`` or ``models/moe_init_<variant>``) on the data stage's parquet;
+* a dense one (``cpt_dense``) trains the base on the same data, everything trainable;
+  ``flops_matched`` does so with the token budget scaled by the MoE's active-FLOPs ratio
+  (``extra.upcycle.active_ratio`` of the moe_init manifest).
 
-``ensure_base`` pre-trains the world's random model on the ``base-data`` stage into
+``ensure_base`` pre-trains the world's random model on the ``base_data`` stage into
 ``models/base``; ``ensure_post`` fine-tunes the base on the world's instruction data of the
-original languages into ``models/post`` (SFT rows built into ``sft-data``). Every one is
+original languages into ``models/post`` (SFT rows built into ``sft_data``). Every one is
 skipped when its manifest fingerprint matches; checkpoints live in ``checkpoints/<variant>/
 <fingerprint>``, so a killed run resumes on the next call and a changed config starts afresh.
 """
@@ -22,23 +23,26 @@ from pathlib import Path
 from typing import Any
 
 from components.config import RunConfig
-from components.storage import Manifest, RunDir, StageDir, fingerprint
+from components.storage import Manifest, RunDir, StageBuild, StageDir, fingerprint
 from components.tracking import RankZeroLogger
 from components.train import Resources, TrainResult, TrainSpec, train_model
 from components.train.spec import Mode, TrainError
+from components.variants import VARIANTS, get_variant
 
 log = logging.getLogger(__name__)
 
-MOE_VARIANTS = ("cpt-moe",)
-DENSE_VARIANTS = ("cpt-dense", "flops-matched")
+TRAINING_VARIANTS = tuple(name for name, v in VARIANTS.items() if v.train is not None)
 WORLD_MODEL = "world/model"
 
 
 def resources(cfg: RunConfig) -> Resources:
+    """Ray Train's workers: sizes from ``resources``, custom resources from
+    ``resources.stages.train`` (so the workers land where the training nodes are)."""
     r = cfg.resources
     return Resources(num_workers=r.num_workers, use_gpu=r.use_gpu,
                      cpus_per_worker=r.cpus_per_worker, gpus_per_worker=r.gpus_per_worker,
-                     backend=r.backend, launcher=r.launcher)
+                     backend=r.backend, launcher=r.launcher,
+                     worker_resources=dict(r.stages.train.resources))
 
 
 def _local(run_dir: RunDir) -> Path:
@@ -86,14 +90,8 @@ def _train(cfg: RunConfig, run_dir: RunDir, name: str, init: Path, data: tuple[l
                      cfg.seed, steps, tokens, _model_identity(init), data_fp,
                      freeze.model_dump(mode="json") if mode == "cpt_moe" else None)
     stage = run_dir.stage(f"models/{name}")
-    if stage.is_complete(fp):
-        manifest = stage.read_manifest()
-        assert manifest is not None
-        return manifest, False
-    with stage.build(fp, inputs={"init": str(init), "train": train_paths,
-                                 "validation": validation_paths},
-                     config={"train": cfg.train.model_dump(mode="json"), "mode": mode,
-                             "steps": steps, "tokens": tokens}) as work:
+
+    def build(work: StageBuild) -> None:
         spec = TrainSpec(
             init_dir=str(init), out_dir=str(work.path), train_paths=train_paths,
             validation_paths=validation_paths, mode=mode, train=cfg.train,
@@ -106,43 +104,48 @@ def _train(cfg: RunConfig, run_dir: RunDir, name: str, init: Path, data: tuple[l
                                "seconds": round(result.seconds, 2), "metrics": result.metrics,
                                "attempts": result.attempts, "resumed_from": result.resumed_from,
                                "counts": result.counts, **(extra or {})}
-    manifest = stage.read_manifest()
-    assert manifest is not None
-    if logger is not None:
+
+    manifest, built = stage.ensure(
+        fp, build, inputs={"init": str(init), "train": train_paths,
+                           "validation": validation_paths},
+        config={"train": cfg.train.model_dump(mode="json"), "mode": mode, "steps": steps,
+                "tokens": tokens})
+    if built and logger is not None:
         logger.log_external_model(name, stage.uri, manifest, model_type="hf-causal-lm")
-    return manifest, True
+    return manifest, built
 
 
 def ensure_trained(cfg: RunConfig, run_dir: RunDir, variant: str,
                    logger: RankZeroLogger | None = None) -> tuple[Manifest, bool]:
-    """Train (or skip) ``variant``: cpt-moe, cpt-moe-<v>, cpt-dense or flops-matched."""
+    """Train (or skip) what ``variant`` trains (one of :data:`TRAINING_VARIANTS`)."""
     from workflows.upcycle_stage import STAGE as MOE_INIT
     from workflows.upcycle_stage import base_model_dir
 
+    v = get_variant(variant)
+    if v.trained is None:
+        raise ValueError(f"variant {variant!r} trains nothing; training variants: "
+                         f"{', '.join(TRAINING_VARIANTS)}")
     local = _local(run_dir)
     data = _parquet(run_dir.stage("data"), "data")
-    if variant == "cpt-moe" or variant.startswith("cpt-moe-"):
-        suffix = variant.removeprefix("cpt-moe")
-        init = local / f"{MOE_INIT}{suffix}"
-        if run_dir.stage(f"{MOE_INIT}{suffix}").read_manifest() is None:
-            raise FileNotFoundError(f"{init}: the upcycled model has not been built yet "
-                                    "(deltamoe upcycle CONFIG)")
-        return _train(cfg, run_dir, variant, init, data, "cpt_moe", logger)
-    if variant == "cpt-dense":
-        return _train(cfg, run_dir, variant, base_model_dir(cfg, run_dir), data, "dense", logger)
-    if variant == "flops-matched":
-        upcycled = run_dir.stage(MOE_INIT).read_manifest()
-        if upcycled is None or "upcycle" not in upcycled.extra:
-            raise FileNotFoundError(f"{local / MOE_INIT}: the FLOPs-matched baseline needs the "
-                                    "upcycle stage's accounting (active_ratio)")
-        ratio = float(upcycled.extra["upcycle"]["active_ratio"])
-        seq_len = _seq_len(data[0])
-        tokens = int(cfg.train.steps * cfg.train.micro_batch_size * cfg.train.grad_accum
-                     * resources(cfg).world_size * seq_len * ratio)
-        return _train(cfg, run_dir, variant, base_model_dir(cfg, run_dir), data, "dense",
-                      logger, tokens=tokens, extra={"active_ratio": ratio})
-    raise ValueError(f"unknown training variant {variant!r}; expected cpt-moe, cpt-moe-<name>, "
-                     "cpt-dense or flops-matched")
+    if v.train == "moe":
+        stage = f"models/{v.upcycled}"
+        if run_dir.stage(stage).read_manifest() is None:
+            raise FileNotFoundError(f"{local / stage}: the upcycled model has not been built "
+                                    "yet (deltamoe upcycle CONFIG)")
+        return _train(cfg, run_dir, v.trained, local / stage, data, "cpt_moe", logger)
+    base = base_model_dir(cfg, run_dir)
+    if v.tokens != "flops_matched":
+        return _train(cfg, run_dir, v.trained, base, data, "dense", logger)
+    upcycled = run_dir.stage(MOE_INIT).read_manifest()
+    if upcycled is None or "upcycle" not in upcycled.extra:
+        raise FileNotFoundError(f"{local / MOE_INIT}: the FLOPs-matched baseline needs the "
+                                "upcycle stage's accounting (active_ratio)")
+    ratio = float(upcycled.extra["upcycle"]["active_ratio"])
+    seq_len = _seq_len(data[0])
+    tokens = int(cfg.train.steps * cfg.train.micro_batch_size * cfg.train.grad_accum
+                 * resources(cfg).world_size * seq_len * ratio)
+    return _train(cfg, run_dir, v.trained, base, data, "dense", logger, tokens=tokens,
+                  extra={"active_ratio": ratio})
 
 
 def _seq_len(paths: list[str]) -> int:
@@ -153,20 +156,20 @@ def _seq_len(paths: list[str]) -> int:
 
 def ensure_base(cfg: RunConfig, run_dir: RunDir,
                 logger: RankZeroLogger | None = None) -> tuple[Manifest, bool]:
-    """Pre-train the world's random model on the base-data stage into ``models/base``."""
+    """Pre-train the world's random model on the base_data stage into ``models/base``."""
     if cfg.world is None or cfg.world.base_steps <= 0:
         raise ValueError("ensure_base needs a world section with base_steps > 0")
     init = _local(run_dir) / WORLD_MODEL
     if not (init / "config.json").exists():
         raise FileNotFoundError(f"{init}: the world stage has not been built (deltamoe demo)")
-    data = _parquet(run_dir.stage("base-data"), "base-data")
+    data = _parquet(run_dir.stage("base_data"), "base_data")
     return _train(cfg, run_dir, "base", init, data, "pretrain", logger,
                   steps=cfg.world.base_steps)
 
 
 def ensure_sft_data(cfg: RunConfig, run_dir: RunDir, base: Path) -> tuple[list[str], list[str],
                                                                            str]:
-    """SFT rows from the world's instructions of the original languages, in ``sft-data``."""
+    """SFT rows from the world's instructions of the original languages, in ``sft_data``."""
     from transformers import AutoTokenizer
 
     from components.train.sft import build_sft_parquet
@@ -176,14 +179,16 @@ def ensure_sft_data(cfg: RunConfig, run_dir: RunDir, base: Path) -> tuple[list[s
     missing = [str(f) for f in files if not f.exists()]
     if missing:
         raise FileNotFoundError(f"no instruction data: {', '.join(missing)}")
-    stage = run_dir.stage("sft-data")
+    stage = run_dir.stage("sft_data")
     fp = fingerprint("sft-data", [str(f) for f in files], [f.stat().st_size for f in files],
                      cfg.data.seq_len, _model_identity(base))
-    if not stage.is_complete(fp):
+
+    def build(work: StageBuild) -> None:
         tokenizer = AutoTokenizer.from_pretrained(base)
-        with stage.build(fp, inputs={"instructions": [str(f) for f in files]}) as work:
-            work.extra["rows"] = build_sft_parquet(tokenizer, files, work.path, cfg.data.seq_len)
-    return _parquet(stage, "sft-data")
+        work.extra["rows"] = build_sft_parquet(tokenizer, files, work.path, cfg.data.seq_len)
+
+    stage.ensure(fp, build, inputs={"instructions": [str(f) for f in files]})
+    return _parquet(stage, "sft_data")
 
 
 def ensure_post(cfg: RunConfig, run_dir: RunDir,

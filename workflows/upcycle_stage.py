@@ -1,4 +1,4 @@
-"""The upcycle stage of a run: dense base → language-allocated MoE in ``models/moe-init``.
+"""The upcycle stage of a run: dense base → language-allocated MoE in ``models/moe_init``.
 
 Everything comes from the run config: the base model (``models.base``, or the synthetic world's
 model), the expert layout, the language allocation (the configured map or the default one), and
@@ -27,7 +27,7 @@ from components.moe.upcycle import UpcycleOptions, UpcycleResult, upcycle
 from components.storage import Manifest, RunDir, StageBuild, StageDir, fingerprint
 from components.tracking import RankZeroLogger
 
-STAGE = "models/moe-init"
+STAGE = "models/moe_init"
 BASE_STAGE = "models/base"  # a world run's pre-trained base (world.base_steps > 0)
 SIMILARITY_DOCS = 64  # held-out documents per language for LayerMoE's similarity
 
@@ -64,7 +64,7 @@ def base_model_dir(cfg: RunConfig, run_dir: RunDir) -> Path:
 def held_out_texts(cfg: RunConfig, run_dir: RunDir, base: Path) -> dict[str, list[str]]:
     """Held-out text per run language: the world's evaluation text, or the data stage's
     validation split decoded with the base tokenizer."""
-    languages = [*cfg.languages.original, *cfg.languages.new]
+    languages = cfg.languages.all
     local = run_dir.local_path
     world_eval = local / "world" / "eval" if local is not None else None
     texts: dict[str, list[str]] = {}
@@ -189,7 +189,7 @@ def ensure_upcycled(cfg: RunConfig, run_dir: RunDir, logger: RankZeroLogger | No
 
 
 def log_upcycle(logger: RankZeroLogger, options: UpcycleOptions, result: UpcycleResult,
-                stage: StageDir, manifest: Manifest, name: str = "moe-init") -> None:
+                stage: StageDir, manifest: Manifest, name: str = "moe_init") -> None:
     """Accounting as metrics, the plan as params, the allocation as an artifact."""
     logger.log_params({"upcycle": {"model_type": result.model_type, "layout": result.layout,
                                    "experts_per_layer": result.experts_per_layer}})

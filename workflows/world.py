@@ -6,7 +6,7 @@ from dataclasses import asdict, is_dataclass
 from typing import Any
 
 from components.config import WorldConfig
-from components.storage import Manifest, StageDir, fingerprint
+from components.storage import Manifest, StageBuild, StageDir, fingerprint
 from components.synthetic import GENERATOR_VERSION, build_world
 from components.tracking import RankZeroLogger
 
@@ -19,21 +19,15 @@ def world_fingerprint(world: WorldConfig) -> str:
 def ensure_world(stage: StageDir, world: WorldConfig,
                  refuse_foreign: bool = False) -> tuple[Manifest, bool]:
     """Build the world into ``stage`` unless a matching one is there; returns (manifest, built)."""
-    fp = world_fingerprint(world)
-    if stage.is_complete(fp):
-        manifest = stage.read_manifest()
-        assert manifest is not None
-        return manifest, False
-    with stage.build(fp, config=world.model_dump(mode="json"),
-                     refuse_foreign=refuse_foreign) as work:
+    def build(work: StageBuild) -> None:
         summary = build_world(
             work.path, seed=world.seed, arch=world.arch, num_people=world.num_people,
             docs_per_language=world.docs_per_language, vocab_size=world.vocab_size,
         )
         work.extra["summary"] = _plain(summary)
-    manifest = stage.read_manifest()
-    assert manifest is not None
-    return manifest, True
+
+    return stage.ensure(world_fingerprint(world), build, config=world.model_dump(mode="json"),
+                        refuse_foreign=refuse_foreign)
 
 
 def log_world(logger: RankZeroLogger, stage: StageDir, world: WorldConfig, manifest: Manifest,

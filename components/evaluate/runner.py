@@ -1,10 +1,11 @@
 """Evaluate one model directory on the configured suites with lm-eval's Python API.
 
-The model is loaded once (``AutoModelForCausalLM``, no remote code; ``import components.moe``
-registers the package's own MoE class) and wrapped in lm-eval's ``HFLM``, so every suite runs on
-the same weights on CPU or GPU. Tasks whose answer is generated (instructions, MGSM, FLORES) get
-the tokenizer's chat template; scored tasks (perplexity, multiple choice) see plain text. Each
-group is one ``simple_evaluate`` call over config dicts, so tasks read local files only.
+The model is loaded once (``AutoModelForCausalLM``, no remote code; importing
+:mod:`components.moe.modeling` registers the package's own MoE class) and wrapped in lm-eval's
+``HFLM``, so every suite runs on the same weights (bf16 on a GPU, fp32 on CPU). Tasks whose
+answer is generated (instructions, MGSM, FLORES) get the tokenizer's chat template; scored tasks
+(perplexity, multiple choice) see plain text. Each group is one ``simple_evaluate`` call over
+config dicts, so tasks read local files only.
 """
 
 from __future__ import annotations
@@ -59,14 +60,17 @@ def load_for_eval(model_dir: str | Path, device: str | None = None) -> tuple[Any
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import components.moe  # noqa: F401  registers the package's MoE class with the Auto classes
+    import components.moe.modeling  # noqa: F401  registers the package's MoE class
 
     path = Path(model_dir).expanduser()
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a model directory (no config.json)")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False)
+    # bf16 on a GPU (what the model will be served in, half the memory); fp32 on CPU, where
+    # bf16 matmuls are slow and the scores must match the CPU tests'
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, dtype=dtype)
     model.to(device).eval()
     if getattr(model, "generation_config", None) is not None:
         # a saved max_new_tokens would override lm-eval's per-task max_gen_toks

@@ -1,8 +1,8 @@
 """Task configs for every evaluation suite, keyed by canonical language tags.
 
 - ``synthetic``: the world's offline suite (:mod:`components.evaluate.synthetic`).
-- lm-eval benchmarks (``belebele``, ``xcopa``, ``xnli``, ``mgsm``, ``global_mmlu``,
-  ``xstorycloze``, ``xwinograd``, ``pawsx``): the task name per language comes from
+- lm-eval benchmarks (every one :mod:`components.evaluate.catalog` lists: ``belebele``,
+  ``xcopa``, ``xnli``, ``mgsm``, ``global_mmlu``, ...): the task name per language comes from
   :func:`components.languages.tasks_for`; a language a benchmark does not cover is skipped. The
   registered YAML is loaded and, with a data directory, its dataset is replaced by local files:
   ``<data_dir>/<task name>/<split>.{jsonl,json,parquet}`` for every split the task reads, in the
@@ -27,6 +27,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from components.evaluate.catalog import benchmarks, suites
 from components.evaluate.synthetic import SYNTHETIC_TASKS, synthetic_tasks
 from components.languages import get_language, tasks_for
 
@@ -43,9 +44,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BENCHMARKS = ("belebele", "xcopa", "xnli", "mgsm", "global_mmlu", "xstorycloze", "xwinograd",
-              "pawsx")
-SUITES = ("synthetic", *BENCHMARKS, "flores", "perplexity")
+BENCHMARKS = benchmarks()
+SUITES = tuple(suites())
 FLORES_YAML = Path(__file__).parent / "tasks" / "flores200.yaml"
 _DATA_EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _SPLIT_KEYS = ("test_split", "validation_split", "training_split", "fewshot_split")
@@ -230,28 +230,29 @@ def perplexity_tasks(languages: Sequence[str], data_dir: str | Path | None
     return out
 
 
-def build_suite_tasks(suites: Sequence[str], languages: Sequence[str], *,
+def build_suite_tasks(suite_names: Sequence[str], languages: Sequence[str], *,
                       world_eval_dir: str | Path | None = None,
                       data_dir: str | Path | None = None, original: Sequence[str] = (),
                       max_gen_tokens: int = 32, chat_template: bool = True
                       ) -> dict[str, TaskEntry]:
     """Every task of every suite in every language, as lm-eval config dicts."""
-    unknown = [s for s in suites if s not in SUITES]
+    unknown = [s for s in suite_names if s not in SUITES]
     if unknown:
         raise SuiteError(f"unknown suites {unknown}; known: {', '.join(SUITES)}")
     out: dict[str, TaskEntry] = {}
-    for suite in dict.fromkeys(suites):
-        if suite == "synthetic":
+    for suite in dict.fromkeys(suite_names):
+        kind = suites()[suite].kind
+        if kind == "synthetic":
             if world_eval_dir is None:
                 raise SuiteError("the synthetic suite needs the world's eval folder (a world "
                                  "run, or evaluation.data_dir holding <tag>/instruct.jsonl ...)")
             out.update(synthetic_tasks(world_eval_dir, list(languages), tasks=SYNTHETIC_TASKS,
                                        max_gen_tokens=max_gen_tokens,
                                        chat_template=chat_template))
-        elif suite == "flores":
+        elif kind == "flores":
             pivot = original[0] if original else "eng_Latn"
             out.update(flores_tasks(languages, pivot, data_dir))
-        elif suite == "perplexity":
+        elif kind == "perplexity":
             out.update(perplexity_tasks(languages, data_dir))
         else:
             out.update(benchmark_tasks(suite, languages, data_dir))

@@ -81,7 +81,7 @@ def build_sharded(init_dir: str, mesh: DeviceMesh, place: Placement, *, mode: st
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    import components.moe  # noqa: F401  (registers the package's MoE class)
+    import components.moe.modeling  # noqa: F401  (registers the package's MoE class)
 
     config = AutoConfig.from_pretrained(init_dir)
     with init_empty_weights(include_buffers=False):

@@ -197,7 +197,7 @@ def _ray(spec: TrainSpec, languages: list[str], seq_len: int, run_dir: Path,
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
     res = spec.resources
-    per_worker: dict[str, float] = {"CPU": res.cpus_per_worker}
+    per_worker: dict[str, float] = {"CPU": res.cpus_per_worker, **res.worker_resources}
     if res.use_gpu:
         per_worker["GPU"] = res.gpus_per_worker
     dataset = ray.data.read_parquet(spec.train_paths, columns=columns_of(spec.train_paths),

@@ -28,6 +28,7 @@ class Resources:
     gpus_per_worker: float = 1.0
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     launcher: Literal["ray", "inline", "spawn"] = "ray"
+    worker_resources: dict[str, float] = field(default_factory=dict)  # custom, per Ray worker
 
     @property
     def world_size(self) -> int:

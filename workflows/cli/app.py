@@ -8,7 +8,11 @@ commands (:mod:`.runs`, :mod:`.models`), cluster commands (:mod:`.cluster`), rep
 
 from __future__ import annotations
 
+import importlib
 import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,29 @@ from components.config import load_config
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEMO_CONFIG = CONFIGS / "demo.yaml"
 REPRODUCE_CONFIG = CONFIGS / "reproduce.yaml"
+
+
+class RegistryChoice(click.Choice):
+    """A click choice read from a registry (``"module:NAME"``) when first needed, so the CLI
+    lists exactly the registry's names without importing torch to print ``--help``."""
+
+    def __init__(self, where: str) -> None:
+        self._where = where
+        self.case_sensitive = True
+
+    @property
+    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
+        module, _, name = self._where.partition(":")
+        found = getattr(importlib.import_module(module), name)
+        return tuple(found() if callable(found) else found)
+
+
+def config_choices(section: type, field: str) -> click.Choice:
+    """The values a config field's ``Literal`` allows, as a click choice: the flag and the
+    config key accept the same names, written once in the schema."""
+    import typing
+
+    return click.Choice(typing.get_args(section.model_fields[field].annotation))
 
 
 class UserError(click.ClickException):
@@ -100,8 +127,27 @@ def tracked(config: Path, overrides: tuple[str, ...], stage: str, errors: tuple[
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors of the stages that mean bad input rather than a bug: one message, exit 2."""
+    from components.data.errors import DataError
     from components.delta.graft import GraftError
     from components.moe.families import UnsupportedArchitectureError
     from components.moe.upcycle import UpcycleError
+    from components.train.spec import TrainError
 
-    return (UpcycleError, UnsupportedArchitectureError, GraftError)
+    return (UpcycleError, UnsupportedArchitectureError, GraftError, TrainError, DataError,
+            FileNotFoundError)
+
+
+@contextmanager
+def workflow_errors() -> Iterator[None]:
+    """A workflow whose stages failed: every stage's state, each failure in one line, then exit
+    2 when all were bad input, else 1. Bad input raised before any stage ran is exit 2 too."""
+    from workflows.expand import WorkflowError
+
+    try:
+        yield
+    except WorkflowError as err:
+        click.echo(err.result.summary())
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2 if err.user_error else 1)
+    except user_errors() as err:
+        raise UserError(str(err)) from None

@@ -10,8 +10,23 @@ from pathlib import Path
 
 import click
 
-from components.config import load_config
-from workflows.cli.app import UserError, cli, int_list, parse_overrides, tracked
+from components.config import GraftConfig, UpcycleConfig, load_config
+from workflows.cli.app import (
+    RegistryChoice,
+    UserError,
+    cli,
+    config_choices,
+    int_list,
+    parse_overrides,
+    tracked,
+)
+
+
+def sparsify_choices() -> tuple[str, ...]:
+    """``auto`` (the method's own) or any sparsifier of the methods' registry."""
+    from components.delta.methods import SPARSIFIERS
+
+    return ("auto", *SPARSIFIERS)
 
 
 def _allocation(pairs: tuple[str, ...]) -> dict[str, list[int]]:
@@ -54,11 +69,11 @@ def _print_upcycled(out: str, summary: dict) -> None:
               help="Comma-separated MoE layers that get a language-group classifier.")
 @click.option("--allocate", "allocate", multiple=True,
               help="LANGUAGE=ID[,ID...]: experts allowed to a language (repeatable).")
-@click.option("--router-init", type=click.Choice(["xavier_normal", "zeros", "normal"]),
+@click.option("--router-init", type=config_choices(UpcycleConfig, "router_init"),
               default="xavier_normal", show_default=True)
 @click.option("--expert-noise-std", default=0.0, show_default=True,
               help="Gaussian noise on non-anchor experts (0 keeps them exact copies).")
-@click.option("--layout", type=click.Choice(["per_expert", "fused"]), default="per_expert",
+@click.option("--layout", type=config_choices(UpcycleConfig, "layout"), default="per_expert",
               show_default=True, help="Expert tensor layout written.")
 @click.option("--seq-len", default=2048, show_default=True,
               help="Context length for the FLOPs accounting.")
@@ -72,7 +87,7 @@ def upcycle(config: Path | None, model_dir: Path | None, out_dir: Path | None, n
             overrides: tuple[str, ...]) -> None:
     """Turn a dense model into a Mixture-of-Experts whose experts copy the dense FFN.
 
-    With CONFIG: the run's base model into runs/<run>/models/moe-init, with the config's
+    With CONFIG: the run's base model into runs/<run>/models/moe_init, with the config's
     allocation (language map, or LayerMoE counts measured on held-out text), logged to MLflow.
     Without: --model and --out with the flags below. Llama/Mistral → Mixtral, Qwen2 → Qwen2-MoE,
     Qwen3 → Qwen3-MoE, or the package's own class where a plan needs it; the output loads with
@@ -145,19 +160,19 @@ def _scales(option: str, pairs: tuple[str, ...], key_type: type) -> dict:
               help="The model that receives Δ: CPT-MoE (deltamoe) or CPT-dense (baselines).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Output directory (built atomically; skipped if already complete).")
-@click.option("--method", type=click.Choice(["deltamoe", "param_delta", "task_arithmetic",
-                                             "ties", "dare"]), default=None,
+@click.option("--method", type=RegistryChoice("components.delta.methods:METHODS"), default=None,
               help="Default: deltamoe (or the config's graft.method).")
 @click.option("--scale", default=1.0, show_default=True, help="λ, the global scale of Δ.")
 @click.option("--expert-scale", "expert_scales", multiple=True, metavar="E=S",
               help="α_e for expert E (repeatable).")
 @click.option("--family-scale", "family_scales", multiple=True, metavar="FAMILY=S",
               help="Scale for attention, mlp, norm, embed or lm_head (repeatable).")
-@click.option("--sparsify", type=click.Choice(["auto", "none", "ties", "dare"]), default="auto",
+@click.option("--sparsify", type=RegistryChoice("workflows.cli.models:sparsify_choices"),
+              default="auto",
               show_default=True)
 @click.option("--density", default=1.0, show_default=True, help="TIES/DARE share of Δ kept.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+@click.option("--dtype", type=config_choices(GraftConfig, "dtype"),
               default="auto", show_default=True)
 @click.option("--max-shard-size", default="2GB", show_default=True)
 @click.option("--workers", default=1, show_default=True,
@@ -179,9 +194,8 @@ def graft(config: Path | None, base: str | None, post: str | None, target: str |
     from dataclasses import asdict
 
     from components.delta.graft import GraftError, GraftInputs, GraftOptions, parse_size
-    from components.delta.graft import graft as run_graft
-    from components.delta.graft import verify as run_verify
     from components.storage import StageDir, fingerprint
+    from workflows.graft_stage import build_grafted
 
     if config is not None:
         if base or post or target or out_dir:
@@ -203,17 +217,13 @@ def graft(config: Path | None, base: str | None, post: str | None, target: str |
         inputs = GraftInputs(*(str(Path(p).resolve()) for p in (base, post, target)))
         stage = StageDir(str(out_dir.resolve()))
         fp = fingerprint("graft", asdict(inputs), {**asdict(options), "workers": None})
-        if stage.is_complete(fp):
-            click.echo(f"{out_dir}: already complete, skipped")
-            return
-        with stage.build(fp, inputs=asdict(inputs), config=asdict(options),
-                         refuse_foreign=True) as work:
-            result = run_graft(inputs, work.path, options)
-            if check:
-                work.extra["verified"] = run_verify(inputs, work.path, options)
-            work.extra["graft"] = asdict(result)
+        _, result = build_grafted(stage, fp, inputs, options, verify_output=check,
+                                  refuse_foreign=True)
     except GraftError as err:
         raise UserError(str(err)) from None
+    if result is None:
+        click.echo(f"{out_dir}: already complete, skipped")
+        return
     click.echo(f"{result.method} written to {out_dir}: {result.tensors} tensors, "
                f"{result.bytes / 1e6:.1f} MB in {result.units} layer tasks\n{result.formula}"
                + ("\nverified: sample matches the direct computation" if check else ""))

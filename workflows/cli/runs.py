@@ -11,12 +11,14 @@ from components.config import dump_config, load_config
 from workflows.cli.app import (
     DEMO_CONFIG,
     REPRODUCE_CONFIG,
+    RegistryChoice,
     UserError,
     cli,
     int_list,
     parse_overrides,
     tracked,
     user_errors,
+    workflow_errors,
 )
 
 
@@ -63,7 +65,8 @@ def demo(ctx: click.Context, config_file: Path) -> None:
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder to write (built atomically; skipped if already complete).")
 @click.option("--seed", default=0, show_default=True, help="World seed: same seed, same bytes.")
-@click.option("--arch", type=click.Choice(["llama", "qwen2"]), default="llama",
+@click.option("--arch", type=RegistryChoice("components.moe.families:DENSE_TYPES"),
+              default="llama",
               show_default=True, help="Architecture of the tiny model.")
 @click.option("--people", "num_people", default=None, type=int, help="Number of entities.")
 @click.option("--docs", "docs_per_language", default=None, type=int,
@@ -97,11 +100,14 @@ def demo_world(out_dir: Path, seed: int, arch: str, num_people: int | None,
               help="Override a config key (dotted path).")
 def run_command(config: Path, from_stage: str | None, only: tuple[str, ...],
                 overrides: tuple[str, ...]) -> None:
-    """Run the whole expansion of CONFIG, resuming at the first stage that is not complete.
+    """Run the whole expansion of CONFIG as a DAG of stages on Ray, building what is missing.
 
-    Stages: world, base-data, base, post (a synthetic-world run makes its own model pair), data,
-    upcycle, cpt-moe, graft, baselines, evaluate, report. Each is skipped when its manifest
-    matches; MLflow holds one parent run with a child per stage.
+    Stages (or groups of them, for --from/--only): world, base_data, base, post (a
+    synthetic-world run makes its own model pair), data, upcycle, cpt_moe, graft, baselines,
+    evaluate, report; or a single node such as cpt_dense or eval_deltamoe. Independent branches
+    run at once; each stage is skipped when its manifest matches; MLflow holds one parent run
+    with a child per stage. A failed stage blocks only what needs it: the others finish, the
+    summary shows every stage's state, and the exit status is 2 (bad input) or 1.
     """
     from workflows.expand import run_workflow, select_stages
 
@@ -112,10 +118,8 @@ def run_command(config: Path, from_stage: str | None, only: tuple[str, ...],
         select_stages(cfg, from_stage, only)
     except ValueError as err:
         raise UserError(str(err)) from None
-    try:
-        result = run_workflow(cfg, from_stage=from_stage, only=only)
-    except user_errors() as err:
-        raise UserError(str(err)) from None
+    with workflow_errors():
+        result = run_workflow(cfg, from_stage=from_stage, only=only, user_errors=user_errors())
     click.echo(result.summary())
 
 
@@ -139,9 +143,7 @@ def evaluate(config: Path, data_dir: str | None, variants: tuple[str, ...], limi
     expanded-language averages. Unchanged variants are read back, not re-evaluated.
     """
     from components.evaluate.suites import SuiteError
-    from components.storage import RunDir, fingerprint
-    from components.tracking import ExpansionTracker, resolve_tracking_uri
-    from workflows.evaluate_stage import comparison_table, ensure_evaluated
+    from workflows.expand import run_evaluation
 
     extra: dict[str, object] = {}
     if data_dir:
@@ -151,22 +153,10 @@ def evaluate(config: Path, data_dir: str | None, variants: tuple[str, ...], limi
     if limit:
         extra["evaluation.limit"] = limit
     cfg = load_config(config, overrides={**parse_overrides(overrides), **extra})
-    run_dir = RunDir(cfg.storage.root, cfg.run_name, cfg.storage.storage_options)
-    tracker = ExpansionTracker(resolve_tracking_uri(cfg.tracking.uri, run_dir),
-                               cfg.tracking.experiment, cfg.run_name, tags=cfg.tracking.tags)
-    resolved = cfg.model_dump(mode="json")
-    tracker.log_config(resolved, fingerprint(resolved))
-    try:
-        evaluated = ensure_evaluated(cfg, run_dir, tracker=tracker)
-    except SuiteError as err:
-        tracker.finish(failed=True)
-        raise UserError(str(err)) from None
-    except BaseException:
-        tracker.finish(failed=True)
-        raise
-    tracker.finish()
-    click.echo(comparison_table(cfg, evaluated))
-    click.echo(f"results: {run_dir.stage('eval').uri}")
+    with workflow_errors():
+        result = run_evaluation(cfg, user_errors=(*user_errors(), SuiteError))
+    click.echo(result.table or "no results")
+    click.echo(f"results: {result.run_dir}/eval")
 
 
 @cli.command("data")
@@ -211,20 +201,23 @@ def data_command(config: Path, overrides: tuple[str, ...]) -> None:
 
 @cli.command("train")
 @click.argument("config", type=click.Path(path_type=Path))
-@click.option("--variant", type=str, default="cpt-moe", show_default=True,
-              help="cpt-moe, cpt-moe-<name>, cpt-dense or flops-matched.")
+@click.option("--variant", type=RegistryChoice("workflows.train_stage:TRAINING_VARIANTS"),
+              default="cpt_moe", show_default=True, help="The variant whose training to run.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config key (dotted path).")
 def train_command(config: Path, variant: str, overrides: tuple[str, ...]) -> None:
     """Continued pre-training on Ray Train (FSDP2); resumes from the last checkpoint."""
     from components.train.spec import TrainError
+    from components.variants import get_variant
+    from workflows.plan import variant_config
     from workflows.train_stage import ensure_trained
 
-    stage = variant if variant.startswith("cpt-") else f"cpt-{variant}"  # the MLflow child run
+    v = get_variant(variant)
+    stage = str(v.trained)  # the stage, its MLflow child run and its models/ folder
     run_dir, manifest, built = tracked(
         config, overrides, stage, (TrainError, FileNotFoundError, ValueError),
-        lambda cfg, rd, lg: ensure_trained(cfg, rd, variant, lg))
-    where = run_dir.stage(f"models/{variant}").uri
+        lambda cfg, rd, lg: ensure_trained(variant_config(cfg, v), rd, variant, lg))
+    where = run_dir.stage(f"models/{stage}").uri
     info = manifest.extra.get("train", {})
     state = "built" if built else "already complete, skipped"
     click.echo(f"{where}: {state} ({info.get('steps')} steps, {info.get('tokens')} tokens)")
