@@ -17,8 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from components.delta.graft import GraftError, GraftInputs, GraftOptions, graft, verify
-from components.delta.methods import dare, ties, trim
+from components.delta.graft import GraftError, GraftInputs, GraftOptions, graft
+from components.delta.methods import METHODS, SPARSIFIERS, dare, ties, trim
+from components.delta.verify import REFERENCE_SPARSIFIERS, REFERENCES, verify
 from components.moe.checkpoint import LazyCheckpoint
 from components.moe.upcycle import UpcycleOptions, upcycle
 from components.synthetic.hf import train_tokenizer
@@ -295,23 +296,83 @@ def test_checks_refuse_bad_input_before_writing(pair: dict[str, Path], tmp_path:
     attempt(base, str(missing), cpt, "base and post hold different tensors")
     attempt(base, post, str(tmp_path / "nowhere"), "no config.json")
     attempt(base, post, cpt, "density", density=0.0)
+    attempt(base, post, cpt, r"sparsify 'magic': expected auto, none, ties, dare",
+            sparsify="magic")
 
 
-def test_verify_catches_a_corrupted_output(pair: dict[str, Path], tmp_path: Path) -> None:
-    inputs = GraftInputs(str(pair["base"]), str(pair["post"]), str(pair["cpt_moe"]))
+# one case per method (and a sparsify override): target, options, an output tensor to corrupt
+VERIFY_CASES = {
+    "deltamoe": ("cpt_moe", dict(scale=0.7, expert_scales={2: 1.5}, family_scales={"norm": 0.5}),
+                 "model.layers.1.block_sparse_moe.experts.2.w2.weight"),
+    "deltamoe-fused": ("cpt_moe_fused", dict(method="deltamoe"),
+                       "model.layers.0.mlp.experts.gate_up_proj"),
+    "deltamoe-ties": ("cpt_moe_fused", dict(method="deltamoe", sparsify="ties", density=0.4),
+                      "model.layers.1.mlp.experts.down_proj"),
+    "param_delta": ("cpt_dense", dict(scale=0.5), "model.layers.0.self_attn.v_proj.weight"),
+    "task_arithmetic": ("cpt_dense", dict(), "model.norm.weight"),
+    "ties": ("cpt_dense", dict(density=0.3), "model.layers.1.mlp.up_proj.weight"),
+    "dare": ("cpt_dense", dict(density=0.5, seed=7), "lm_head.weight"),
+}
+
+
+@pytest.mark.parametrize("case", VERIFY_CASES)
+def test_verify_checks_each_method_against_its_reference(pair: dict[str, Path], tmp_path: Path,
+                                                         case: str) -> None:
+    target, settings, victim = VERIFY_CASES[case]
+    options = GraftOptions(**{"method": case, **settings})
+    inputs = GraftInputs(str(pair["base"]), str(pair["post"]), str(pair[target]))
     out = tmp_path / "out"
     out.mkdir()
-    options = GraftOptions(method="deltamoe", scale=0.7)
     graft(inputs, out, options)
-    checked = verify(inputs, out, options, sample=6)
-    assert len(checked) >= 6
-    shard = sorted(out.glob("model-*.safetensors"))[0]
+    assert len(verify(inputs, out, options)) >= 8
+    everything = verify(inputs, out, options, sample=10**6)
+    assert sorted(everything) == sorted(_state(pair[target]))
+    # one entry of one tensor nudged in its shard: caught, and named
+    shard = out / json.loads((out / "model.safetensors.index.json").read_text())["weight_map"][
+        victim]
     state = load_file(shard)
-    victim = sorted(state)[0]
-    state[victim] = state[victim] + 1e-3
+    state[victim] = state[victim].clone()
+    state[victim].view(-1)[5] += 1e-3
     save_file(state, shard, metadata={"format": "pt"})
-    with pytest.raises(GraftError, match="differs from the direct computation"):
-        verify(inputs, out, replace(options), sample=len(_state(out)))
+    with pytest.raises(GraftError, match=rf"{victim} differs from the reference computation"):
+        verify(inputs, out, options, sample=10**6)
+    # options the graft was not built with do not verify either
+    with pytest.raises(GraftError, match="differs from the reference"):
+        verify(inputs, out, replace(options, scale=options.scale + 0.25), sample=10**6)
+
+
+def test_verify_catches_a_bug_in_the_streaming_graft(pair: dict[str, Path], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reference shares no code with the engine, so an engine bug that an identical
+    recomputation would repeat is caught: here every tensor is misfiled as ``mlp``."""
+    monkeypatch.setattr("components.delta.graft.family_of", lambda key: "mlp")
+    options = GraftOptions(method="deltamoe", family_scales={"attention": 0.0})
+    inputs = GraftInputs(str(pair["base"]), str(pair["post"]), str(pair["cpt_moe_fused"]))
+    out = tmp_path / "out"
+    out.mkdir()
+    graft(inputs, out, options)
+    with pytest.raises(GraftError, match=r"self_attn\.\w+\.weight differs from the reference"):
+        verify(inputs, out, options, sample=10**6)
+
+
+def test_methods_registry_is_light_and_complete() -> None:
+    code = "import components.delta.methods, sys; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+    assert set(REFERENCES) == set(METHODS) and set(REFERENCE_SPARSIFIERS) == set(SPARSIFIERS)
+    for name, method in METHODS.items():
+        assert method.name == name and method.sparsify in SPARSIFIERS and method.help
+        assert method.with_sparsify("auto") is method
+        assert method.with_sparsify("dare").combine is not None
+    assert METHODS["task_arithmetic"].elementwise and not METHODS["ties"].elementwise
+    with pytest.raises(ValueError, match="sparsify 'magic'"):
+        METHODS["deltamoe"].with_sparsify("magic")
+    # the engine's sparsifiers and the reference's, on deltas with ties at the TIES threshold
+    g = torch.Generator().manual_seed(0)
+    deltas = [torch.randn(40, 9, generator=g).round(decimals=1) for _ in range(3)]
+    for name, combine in SPARSIFIERS.items():
+        for density in (0.2, 0.5, 1.0):
+            assert torch.equal(combine(deltas, density, 3, "k"),
+                               REFERENCE_SPARSIFIERS[name](deltas, density, 3, "k")), name
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
