@@ -434,9 +434,9 @@ def test_graft_stage_from_a_run_config(pair: dict[str, Path], tmp_path: Path) ->
                         "storage": {"root": str(tmp_path)}, "resources": {"num_workers": 1},
                         "graft": {"method": "deltamoe", "verify": True}})
     run_dir = RunDir(cfg.storage.root, cfg.run_name)
-    with pytest.raises(FileNotFoundError, match=r"models/cpt-moe: not built yet"):
+    with pytest.raises(FileNotFoundError, match=r"models/cpt_moe: not built yet"):
         ensure_grafted(cfg, run_dir)
-    with run_dir.stage("models/cpt-moe").build("trained") as work:
+    with run_dir.stage("models/cpt_moe").build("trained") as work:
         for path in pair["cpt_moe_fused"].iterdir():
             (work.path / path.name).write_bytes(path.read_bytes())
     manifest, built = ensure_grafted(cfg, run_dir)
@@ -447,7 +447,7 @@ def test_graft_stage_from_a_run_config(pair: dict[str, Path], tmp_path: Path) ->
                                                  _state(graft_dir).values(), strict=True))
     assert not ensure_grafted(cfg, run_dir)[1]  # skipped on rerun
     # the baselines build the CPT-dense model later; the MoE graft does not depend on it
-    with run_dir.stage("models/cpt-dense").build("dense") as work:
+    with run_dir.stage("models/cpt_dense").build("dense") as work:
         (work.path / "config.json").write_text("{}")
     assert not ensure_grafted(cfg, run_dir)[1]
 
@@ -464,5 +464,5 @@ def test_graft_command_from_a_run_config_names_the_missing_stage(pair: dict[str,
         "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"}}))
     proc = _cli("graft", str(config), "--method", "param_delta")
     assert proc.returncode == 2
-    assert "models/cpt-dense: not built yet" in proc.stderr
+    assert "models/cpt_dense: not built yet" in proc.stderr
     assert not (tmp_path / "runs" / "cfg" / "models" / "param_delta").exists()
