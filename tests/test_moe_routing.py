@@ -1,4 +1,5 @@
-"""Routing losses, freezing and router statistics on tiny upcycled models."""
+"""Routing losses, freezing (what the training loop uses: set_requires_grad, AnchorGuard,
+parameter_counts) and router statistics on tiny upcycled models."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from components.moe.allocation import RoutingPrior
-from components.moe.freeze import freeze, role
+from components.moe.freeze import parameter_counts, role, set_requires_grad
 from components.moe.routing import (
     RouterCapture,
     RouterStats,
@@ -19,6 +20,7 @@ from components.moe.routing import (
     lpr_loss,
 )
 from components.moe.upcycle import UpcycleOptions, upcycle
+from components.train.fsdp import AnchorGuard
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -162,19 +164,24 @@ def test_freezing_keeps_anchor_and_shared_weights_exact(tmp_path: Path, layers: 
     under AdamW with weight decay, while new experts and routers move."""
     model = AutoModelForCausalLM.from_pretrained(_moe(tmp_path, layers=layers))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    freezer = freeze(model, anchor_expert=True, shared=True)
+    set_requires_grad(model, anchor_expert=True, shared=True)
+    guard = AnchorGuard(model, enabled=True)
     ffn, moe_layers = 3 * 32 * 48, 2 if layers is None else 1
-    assert freezer.counts()["trainable"] == moe_layers * (3 * ffn + 4 * 32)  # 3 new experts
-    optimizer = torch.optim.AdamW(freezer.trainable(), lr=1e-2, weight_decay=0.1)
+    counts = parameter_counts(model, fused_anchor_frozen=True)
+    assert counts["trainable"] == moe_layers * (3 * ffn + 4 * 32)  # 3 new experts
+    assert counts["trainable"] + counts["frozen"] == sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2,
+                                  weight_decay=0.1)
     ids, _ = _batch()
-    for _ in range(3):
+    for _ in range(3):  # the training loop's order: zero anchor grads, step, restore anchors
         with RouterCapture(model) as capture:
             out = model(ids, labels=ids)
             balance = load_balancing_loss([capture.logits[i] for i in capture.layers()], 2)
         optimizer.zero_grad()
         (out.loss + 0.1 * balance).backward()
+        guard.zero_grads()
         optimizer.step()
-        freezer.after_step()
+        guard.restore()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     for name, param in model.named_parameters():
         kind = role(name)

@@ -187,13 +187,23 @@ def test_tokenizer_and_model_load_offline(world: Path) -> None:
     assert model.config.model_type == "llama"
 
 
-def test_qwen2_builder_and_bad_input(world: Path, tmp_path: Path) -> None:
+def test_every_dense_type_builds_and_bad_input(world: Path, tmp_path: Path) -> None:
+    """Each dense type a family upcycles comes out of the one generic builder (the world's
+    default size for Qwen2, small for the rest), loads, and keeps head_dim = hidden / heads."""
+    from components.moe.families import DENSE_TYPES
     from components.synthetic.hf import build_tiny_model
 
     tok = AutoTokenizer.from_pretrained(world / "tokenizer")
-    build_tiny_model(tok, tmp_path / "qwen2", arch="qwen2", seed=1)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "qwen2")
-    assert model.config.model_type == "qwen2"
+    for arch in DENSE_TYPES:
+        if arch == "llama":  # the world's own model, tested above
+            continue
+        size = {} if arch == "qwen2" else dict(hidden_size=32, num_layers=1, intermediate_size=48)
+        count = build_tiny_model(tok, tmp_path / arch, arch=arch, seed=1, **size)
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / arch)
+        assert model.config.model_type == arch
+        assert model.num_parameters() == count
+        attention = model.model.layers[0].self_attn
+        assert attention.head_dim == model.config.hidden_size // 4
     with pytest.raises(ValueError, match="no language"):
         build_world(tmp_path / "x", languages=["fra_Latn"])
     with pytest.raises(ValueError, match="unknown architecture"):

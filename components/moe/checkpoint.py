@@ -7,7 +7,8 @@ the next one would overflow ``max_bytes``, then a shard is written and the index
 transformers 5 holds MoE experts fused in memory (``mlp.experts.gate_up_proj`` [E, 2I, H], gate
 rows first, then up; ``mlp.experts.down_proj`` [E, H, I]) and loads that layout from disk as is,
 while ``save_pretrained`` writes per-expert keys (``experts.<e>.<proj>.weight``). Readers here
-accept both; writers write the one a caller declares.
+accept both; writers write the one a caller declares. Which key is an expert, a router or shared
+is :func:`components.moe.families.tensor_role`'s answer, never a pattern of this module's own.
 """
 
 from __future__ import annotations
@@ -23,7 +24,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from components.moe.families import FAMILIES
+from components.moe.families import (
+    DENSE_FFN,
+    FAMILIES,
+    FUSED_EXPERTS,
+    PROJECTIONS,
+    tensor_role,
+)
 
 Layout = Literal["per_expert", "fused"]
 # what a model directory holds besides config and weights: copied by the stages that write one
@@ -217,20 +224,14 @@ def split_layers(keys: list[str]) -> list[tuple[int | None, list[str]]]:
 
 # --- expert layouts ---------------------------------------------------------------------------
 
-_PER_EXPERT = re.compile(r"^(?P<block>model\.layers\.\d+\.[\w.]+?)\.experts\.(?P<e>\d+)\."
-                         r"(?P<proj>\w+)\.weight$")
-_FUSED = re.compile(r"^(?P<block>model\.layers\.\d+\.[\w.]+?)\.experts\.(?P<proj>gate_up_proj|"
-                    r"down_proj)$")
-# per-expert projection names → role (Mixtral calls them w1/w3/w2)
-_ROLE = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down",
-         "w2": "down"}
-
 
 def detect_layout(keys: list[str]) -> Layout | None:
-    """Which expert layout a checkpoint uses (``None`` for a dense model)."""
-    if any(_FUSED.match(k) for k in keys):
+    """Which expert layout a checkpoint uses (``None`` for a dense model); every key must have
+    a role (:func:`~components.moe.families.tensor_role` raises for one that has none)."""
+    kinds = {tensor_role(k).kind for k in keys}
+    if "fused_experts" in kinds:
         return "fused"
-    if any(_PER_EXPERT.match(k) for k in keys):
+    if "expert" in kinds:
         return "per_expert"
     return None
 
@@ -261,36 +262,38 @@ def read_experts(ckpt: LazyCheckpoint, keys: list[str]
     blocks: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
     fused: dict[str, dict[str, torch.Tensor]] = {}
     for key in keys:
-        if match := _FUSED.match(key):
-            fused.setdefault(match["block"], {})[match["proj"]] = ckpt.get(key)
-        elif (match := _PER_EXPERT.match(key)) and match["proj"] in _ROLE:
-            roles = blocks.setdefault(match["block"], {"gate": {}, "up": {}, "down": {}})
-            roles[_ROLE[match["proj"]]][int(match["e"])] = ckpt.get(key)
+        role = tensor_role(key)
+        if role.kind == "fused_experts":
+            assert role.block is not None
+            fused.setdefault(role.block, {})[key.rsplit(".", 1)[1]] = ckpt.get(key)
+        elif role.kind == "expert":
+            assert role.block is not None and role.proj is not None and role.expert is not None
+            projections = blocks.setdefault(role.block, {p: {} for p in PROJECTIONS})
+            projections[role.proj][role.expert] = ckpt.get(key)
     out = {}
-    for block, roles in blocks.items():
-        count = len(roles["down"])
-        for role, by_expert in roles.items():
+    for block, projections in blocks.items():
+        count = len(projections["down"])
+        for proj, by_expert in projections.items():
             if sorted(by_expert) != list(range(count)):
-                raise CheckpointError(f"{block}: expert {role} weights for experts "
+                raise CheckpointError(f"{block}: expert {proj} weights for experts "
                                       f"{sorted(by_expert)}; expected 0..{count - 1}")
-        out[block] = tuple([roles[r][e] for e in range(count)] for r in ("gate", "up", "down"))
+        out[block] = tuple([projections[p][e] for e in range(count)] for p in PROJECTIONS)
     for block, pair in fused.items():
-        if set(pair) != {"gate_up_proj", "down_proj"}:
-            raise CheckpointError(f"{block}.experts: fused layout needs gate_up_proj and "
-                                  f"down_proj, found {sorted(pair)}")
-        out[block] = unfuse_experts(pair["gate_up_proj"], pair["down_proj"])
+        if set(pair) != set(FUSED_EXPERTS):
+            raise CheckpointError(f"{block}.experts: fused layout needs "
+                                  f"{' and '.join(FUSED_EXPERTS)}, found {sorted(pair)}")
+        out[block] = unfuse_experts(*(pair[name] for name in FUSED_EXPERTS))
     return out  # type: ignore[return-value]
 
 
 def expert_keys_of(keys: list[str]) -> set[str]:
     """The keys among ``keys`` that hold expert weights (in either layout)."""
-    return {k for k in keys if _FUSED.match(k) or
-            ((m := _PER_EXPERT.match(k)) and m["proj"] in _ROLE)}
+    return {k for k in keys if tensor_role(k).is_expert}
 
 
 def write_experts(block: str, gate: list[torch.Tensor], up: list[torch.Tensor],
                   down: list[torch.Tensor], layout: Layout,
-                  names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+                  names: tuple[str, str, str] = DENSE_FFN,
                   ) -> dict[str, torch.Tensor]:
     """The keys → tensors of one MoE block's experts in ``layout``.
 
@@ -299,9 +302,8 @@ def write_experts(block: str, gate: list[torch.Tensor], up: list[torch.Tensor],
     the module, so ``block`` must be the in-memory block prefix for it.
     """
     if layout == "fused":
-        gate_up, stacked_down = fuse_experts(gate, up, down)
-        return {f"{block}.experts.gate_up_proj": gate_up,
-                f"{block}.experts.down_proj": stacked_down}
+        return {f"{block}.experts.{name}": tensor for name, tensor
+                in zip(FUSED_EXPERTS, fuse_experts(gate, up, down), strict=True)}
     out = {}
     for e, tensors in enumerate(zip(gate, up, down, strict=True)):
         for name, tensor in zip(names, tensors, strict=True):
@@ -333,7 +335,8 @@ def relayout(src: str | Path, dst: str | Path, layout: Layout,
                 for key in keys:
                     if key in routed:
                         continue
-                    if layer is not None and key.endswith(".gate.weight"):  # the router
+                    if tensor_role(key).kind == "router":  # moves with its block
+                        assert layer is not None
                         key_out = f"{family.block(layer, layout == 'fused')}.gate.weight"
                         writer.add(key_out, ckpt.get(key))
                     else:

@@ -5,9 +5,10 @@ language classifier in front of the router (LayerMoE, arXiv 2505.22582). ``Delta
 is the dense family's own model (Llama, Mistral, Qwen2, Qwen3: attention, norms, rotary, cache,
 generation all unchanged) with the FFN of chosen layers replaced by :class:`LanguageMoeBlock`.
 Tensor names stay those of the dense model plus ``mlp.gate`` (router), ``mlp.experts.<e>.*``
-(per-expert layout) and ``mlp.classifier`` — so the delta engine expands Δpost onto it exactly as
-onto Mixtral. Importing ``components.moe`` registers it with the Auto classes, after which
-``AutoModelForCausalLM.from_pretrained`` loads it with ``trust_remote_code`` off.
+(per-expert layout) and ``mlp.classifier``: the layout :data:`components.moe.families.OWN_CLASS`
+declares, so the delta engine expands Δpost onto it exactly as onto Mixtral. Importing this
+module registers it with the Auto classes, after which ``AutoModelForCausalLM.from_pretrained``
+loads it with ``trust_remote_code`` off.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-MODEL_TYPE = "deltamoe"
-BASE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+from components.moe.families import DENSE_TYPES, OWN_MOE_TYPE
+
+MODEL_TYPE = OWN_MOE_TYPE
 
 
 class DeltaMoeConfig(PretrainedConfig):
@@ -42,9 +44,9 @@ class DeltaMoeConfig(PretrainedConfig):
     def __init__(self, base_model_type: str = "llama", experts_per_layer: list[int] | None = None,
                  num_experts_per_tok: int = 2, classifier_layers: list[int] | None = None,
                  **kwargs: Any) -> None:
-        if base_model_type not in BASE_TYPES:
+        if base_model_type not in DENSE_TYPES:
             raise ValueError(f"base_model_type {base_model_type!r}: expected one of "
-                             f"{', '.join(BASE_TYPES)}")
+                             f"{', '.join(DENSE_TYPES)}")
         self.base_model_type = base_model_type
         self.experts_per_layer = list(experts_per_layer or [])
         self.num_experts_per_tok = num_experts_per_tok
@@ -159,3 +161,6 @@ def register() -> None:
         AutoModelForCausalLM.register(DeltaMoeConfig, DeltaMoeForCausalLM)
     except ValueError:
         pass
+
+
+register()  # importing this module is enough: loaders of upcycled models need nothing else

@@ -1,14 +1,14 @@
 """What the training stage needs from an MoE's routers: their logits, two losses, and statistics.
 
 Works the same on every MoE this package writes (Mixtral, Qwen2-MoE, Qwen3-MoE and the package's
-own class): :class:`RouterCapture` hooks the router module of each MoE layer, so nothing depends
-on a family's ``output_router_logits`` plumbing. Token order in a captured [tokens, E] tensor is
+own class): :class:`RouterCapture` hooks the router module of each MoE layer (the parameters
+:func:`components.moe.families.tensor_role` calls routers), so nothing depends on a family's
+``output_router_logits`` plumbing. Token order in a captured [tokens, E] tensor is
 the flattened [batch, seq] order of the input, which is how masks and language ids line up.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_ROUTER = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:mlp|block_sparse_moe)\.gate$")
-_CLASSIFIER = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.classifier$")
+from components.moe.families import tensor_role
 
 
 def _first(output: Any) -> torch.Tensor:
@@ -34,14 +33,21 @@ class RouterCapture:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        modules = dict(model.named_modules())
-        self.routers = {int(m[1]): mod for name, mod in modules.items()
-                        if (m := _ROUTER.search(name))}
-        self._top_k = {int(m[1]): int(getattr(mod, "top_k", None)
-                                      or modules[name.rsplit(".", 1)[0]].top_k)
-                       for name, mod in modules.items() if (m := _ROUTER.search(name))}
-        self.classifiers = {int(m[1]): mod for name, mod in model.named_modules()
-                            if (m := _CLASSIFIER.search(name)) and mod is not None}
+        self.routers: dict[int, nn.Module] = {}
+        self.classifiers: dict[int, nn.Module] = {}
+        self._top_k: dict[int, int] = {}
+        for name, _ in model.named_parameters():
+            role = tensor_role(name)
+            if role.kind not in ("router", "classifier"):
+                continue
+            assert role.layer is not None and role.block is not None
+            module = model.get_submodule(name.rsplit(".", 1)[0])  # the Linear holding it
+            if role.kind == "classifier":
+                self.classifiers[role.layer] = module
+                continue
+            self.routers[role.layer] = module
+            block = model.get_submodule(role.block)
+            self._top_k[role.layer] = int(getattr(module, "top_k", None) or block.top_k)
         if not self.routers:
             raise ValueError(f"{type(model).__name__} has no MoE router to capture")
         self.logits: dict[int, torch.Tensor] = {}

@@ -2,6 +2,9 @@
 
 Both are saved as ordinary Hugging Face directories, so every later stage loads them exactly as
 it would load Llama or Qwen2 from a hub: ``AutoTokenizer`` / ``AutoModelForCausalLM``, offline.
+The model can be of any dense type a family upcycles
+(:data:`components.moe.families.DENSE_TYPES`), built through transformers' Auto classes, so a new
+family needs no code here.
 """
 
 from __future__ import annotations
@@ -14,13 +17,13 @@ import jinja2
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
     GenerationConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
     PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
 )
+
+from components.moe.families import DENSE_TYPES
 
 EOS = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -34,8 +37,6 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-ARCHITECTURES = ("llama", "qwen2")
 
 
 @cache
@@ -76,21 +77,26 @@ def train_tokenizer(texts: Iterable[str], out_dir: Path,
 def build_tiny_model(tokenizer: PreTrainedTokenizerFast, out_dir: Path, *, arch: str = "llama",
                      seed: int = 0, hidden_size: int = 192, num_layers: int = 4,
                      intermediate_size: int = 512) -> int:
-    """Build a randomly initialised tiny Llama or Qwen2 (a few million parameters) and save it
-    with the tokenizer; returns the parameter count."""
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
+    """Build a randomly initialised tiny dense model of type ``arch`` (one of
+    :data:`~components.moe.families.DENSE_TYPES`, a few million parameters) and save it with the
+    tokenizer; returns the parameter count. The same seed gives the same bytes."""
+    if arch not in DENSE_TYPES:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {DENSE_TYPES}")
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
-    common = dict(
+    heads = 4
+    dims = dict(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=2,
         max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=eos_id,
         eos_token_id=eos_id, pad_token_id=eos_id, rms_norm_eps=1e-6,
     )
-    config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if arch == "llama" else \
-        (Qwen2Config, Qwen2ForCausalLM)
+    if "head_dim" in AutoConfig.for_model(arch).to_dict():
+        # a family that declares head_dim gets the usual hidden/heads (Qwen3's default, 128,
+        # would dwarf a tiny model); one that does not keeps its config.json without the field
+        dims["head_dim"] = hidden_size // heads
+    config = AutoConfig.for_model(arch, **dims)
     torch.manual_seed(seed)
-    model = model_cls(config_cls(**common)).to(torch.float32)
+    model = AutoModelForCausalLM.from_config(config).to(torch.float32)
     model.generation_config = GenerationConfig(
         bos_token_id=eos_id, eos_token_id=[eos_id, tokenizer.convert_tokens_to_ids(IM_END)],
         pad_token_id=eos_id, do_sample=False, max_new_tokens=32,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from components.moe.allocation import RoutingPrior
-from components.moe.freeze import role
+from components.moe.freeze import parameter_counts, role
 from components.moe.routing import RouterCapture, load_balancing_loss, lpr_loss
 from components.train import checkpoint as ckpt
 from components.train.data import IGNORE, Batch, validation_batches
@@ -115,15 +116,9 @@ class Worker:
     def counts(self) -> dict[str, int]:
         """Trainable and frozen parameter counts (a guarded fused anchor counts as frozen), and
         this rank's optimizer-state elements (frozen parameters have none)."""
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.model.parameters())
-        anchors = 0
-        if self.is_moe and self.spec.freeze_anchor:
-            anchors = sum(p.numel() // p.shape[0] for n, p in self.model.named_parameters()
-                          if role(n) == "fused_experts" and p.requires_grad)
         state = sum(t.numel() for s in self.optimizer.state.values() for t in s.values()
                     if torch.is_tensor(t) and t.ndim > 0)
-        return {"trainable": trainable - anchors, "frozen": total - trainable + anchors,
+        return {**parameter_counts(self.model, self.is_moe and self.spec.freeze_anchor),
                 "optimizer_state_local": state}
 
     # ---------------------------------------------------------------- one step
@@ -158,7 +153,7 @@ class Worker:
         for micro in range(self.cfg.grad_accum):
             batch = next(batches).to(self.device)
             self.model.set_requires_gradient_sync(micro == self.cfg.grad_accum - 1)
-            with self.capture if self.capture is not None else _null():
+            with self.capture if self.capture is not None else nullcontext():
                 loss, per_token, mask = self.forward(batch, coef_lpr, coef_bal)
                 (loss / self.cfg.grad_accum).backward()
                 self.losses.update(per_token, mask, batch.lang_index)
@@ -319,14 +314,6 @@ def _device(spec: TrainSpec) -> torch.device:
 
         return ray.train.torch.get_device()
     return torch.device("cuda", torch.cuda.current_device())
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
