@@ -72,12 +72,12 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             baseline=True, train="dense", tokens="flops_matched", graft="param_delta"),
     Variant("cpt_moe", "the language-allocated MoE after continued pre-training (CPT only)",
             baseline=True, upcycle="language", train="moe"),
+    Variant("deltamoe", "DeltaMoE: CPT-MoE + Expand(Δpost), the method itself", baseline=False,
+            graft="deltamoe", graft_onto="cpt_moe"),
     Variant("param_matched", "DeltaMoE on an MoE with no language allocation, nothing frozen",
             baseline=True, upcycle="unallocated", train="moe", graft="deltamoe"),
     Variant("layermoe", "DeltaMoE on LayerMoE's per-layer expert counts", baseline=True,
             upcycle="layermoe", train="moe", graft="deltamoe"),
-    Variant("deltamoe", "DeltaMoE: CPT-MoE + Expand(Δpost), the method itself", baseline=False,
-            graft="deltamoe", graft_onto="cpt_moe"),
 )}
 """Every variant, in the order tables list them."""
 

@@ -52,7 +52,7 @@ def log_run(cfg: RunConfig, with_results: bool = True) -> tuple[ExpansionTracker
             logger.log_metrics({f"{stage}/files": float(len(files))}, step=0)
     if with_results:
         for variant, by_lang in SCORES.items():
-            run_id = tracker.stage_run_id(f"eval-{variant}")
+            run_id = tracker.stage_run_id(f"eval_{variant}")
             logger = RankZeroLogger(tracker.tracking_uri, run_id, rank=0)
             logger.set_tags({"variant": variant})
             metrics = {}

@@ -72,7 +72,7 @@ def test_mlflow_ui_shows_the_per_language_metrics(tracked, tmp_path: Path) -> No
     dom = _chromium("--dump-dom", url=url)
     assert dom.returncode == 0, dom.stderr[-2000:]
     page = dom.stdout
-    assert "eval-deltamoe" in page  # the run's page, rendered by the UI's JavaScript
+    assert "eval_deltamoe" in page  # the run's page, rendered by the UI's JavaScript
     for lang in (*ORIGINAL, *NEW):
         acc, ppl = SCORES["deltamoe"][lang]
         assert f"eval/synthetic_mc/{lang}/acc" in page, lang

@@ -94,10 +94,10 @@ def test_workflow_tracks_its_stages_and_skips_complete_ones(tmp_path: Path) -> N
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump(cfg))
     first = run_demo(path, only=("world", "upcycle"))
-    assert first.stages == {"world": "built", "upcycle": "built"}
+    assert first.stages == {"world": "built", "moe_init": "built"}
     second = run_demo(path, only=("world", "upcycle"))
     skipped = "skipped (manifest matches)"
-    assert second.stages == {"world": skipped, "upcycle": skipped}
+    assert second.stages == {"world": skipped, "moe_init": skipped}
     assert second.parent_run_id == first.parent_run_id
     client = MlflowClient(first.tracking_uri)
     assert first.tracking_uri == f"sqlite:///{tmp_path / 'runs' / 'demo' / 'mlflow.db'}"
@@ -107,20 +107,20 @@ def test_workflow_tracks_its_stages_and_skips_complete_ones(tmp_path: Path) -> N
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{first.parent_run_id}'")
     by_stage = {c.data.tags["deltamoe.stage"]: c for c in children}
-    assert sorted(by_stage) == ["upcycle", "world"]
-    child, upcycled = by_stage["world"], by_stage["upcycle"]
+    assert sorted(by_stage) == ["moe_init", "world"]
+    child, upcycled = by_stage["world"], by_stage["moe_init"]
     assert child.data.metrics["world/files"] > 20
     assert child.data.metrics["world/documents/swh_Latn"] == 24 + 1 + 1  # + planted dup, junk
     # the demo's allocation: 4 experts, Swahili [1, 2], Russian [1, 3], top-2 of 4
     assert upcycled.data.metrics["upcycle/active_ratio"] > 1.0
     assert upcycled.data.metrics["upcycle/moe_parameters"] > \
         upcycled.data.metrics["upcycle/active_parameters"]
-    allocation = json.loads((tmp_path / "runs/demo/models/moe-init/allocation.json").read_text())
+    allocation = json.loads((tmp_path / "runs/demo/models/moe_init/allocation.json").read_text())
     assert allocation["experts"]["swh_Latn"] == [1, 2]
     models = {m.name: m for m in client.search_logged_models([parent.info.experiment_id])}
-    assert sorted(models) == ["moe-init", "world-base-init"]
+    assert sorted(models) == ["moe_init", "world-base-init"]
     assert models["world-base-init"].tags["uri"].endswith("/demo/world/model")
-    assert models["moe-init"].tags["uri"].endswith("/demo/models/moe-init")
+    assert models["moe_init"].tags["uri"].endswith("/demo/models/moe_init")
     assert "mlflow ui --backend-store-uri" in first.summary()
 
 

@@ -165,10 +165,10 @@ def run(trained: dict[str, Path]) -> dict[str, object]:
     shutil.copytree(trained["world"], local / "world")
     _stage_copy(run_dir, "models/base", trained["base"])
     _stage_copy(run_dir, "models/post", trained["post"])
-    with run_dir.stage("models/moe-init").build("test-moe") as work:
+    with run_dir.stage("models/moe_init").build("test-moe") as work:
         upcycle(trained["base"], work.path, UpcycleOptions(num_experts=4, top_k=2))
-    moe = Path(run_dir.stage("models/moe-init").path)
-    _stage_copy(run_dir, "models/cpt-moe", moe)
+    moe = Path(run_dir.stage("models/moe_init").path)
+    _stage_copy(run_dir, "models/cpt_moe", moe)
     _stage_copy(run_dir, "models/deltamoe", moe, perturb_routers=0.5)
     tracker = ExpansionTracker(resolve_tracking_uri(None, run_dir), "t", cfg.run_name)
     evaluated = ensure_evaluated(cfg, run_dir, tracker=tracker)
@@ -178,7 +178,7 @@ def run(trained: dict[str, Path]) -> dict[str, object]:
 
 def test_stage_writes_one_json_per_variant(run: dict) -> None:
     evaluated, local = run["evaluated"], run["local"]
-    assert list(evaluated) == ["base", "post", "cpt_moe", "deltamoe"]  # moe-init excluded
+    assert list(evaluated) == ["base", "post", "cpt_moe", "deltamoe"]  # moe_init excluded
     for name, rows in evaluated.items():
         assert read_results(local / "eval" / f"{name}.json") == rows
         tasks = {(r.task, r.lang) for r in rows}
@@ -267,7 +267,7 @@ def _invoke(args: list[str]) -> tuple[int, str]:
 
 def test_cli_evaluates_one_variant_and_keeps_the_others(run: dict, tmp_path: Path) -> None:
     config = _config_file(run, tmp_path)
-    parts = run["local"] / "eval-parts"
+    parts = run["local"] / "eval_parts"
     before = {p.name: (p / "manifest.json").read_text() for p in parts.iterdir()}
     code, out = _invoke(["evaluate", str(config), "--variant", "post"])
     assert code == 0, out

@@ -63,7 +63,7 @@ def test_report_tables_figures_lineage_and_artifact(tmp_path: Path) -> None:
     assert build_report(cfg, run_dir) == path and (path.parent / "manifest.json").read_text() \
         == manifest
     # a new result: rebuilt
-    extra = RankZeroLogger(cfg.tracking.uri, tracker.stage_run_id("eval-post"), rank=0)
+    extra = RankZeroLogger(cfg.tracking.uri, tracker.stage_run_id("eval_post"), rank=0)
     extra.log_metrics({"eval/flores/swh_Latn/bleu": 3.5}, step=0)
     build_report(cfg, run_dir)
     assert (path.parent / "manifest.json").read_text() != manifest

@@ -81,7 +81,7 @@ def test_fault_restarts_from_checkpoint_and_training_works(inputs: dict[str, Pat
     root = inputs["root"]
     tracking = f"sqlite:///{root / 'mlflow.db'}"
     tracker = ExpansionTracker(tracking, "train-test", "ray-run")
-    run_id = tracker.stage_run_id("cpt-moe")
+    run_id = tracker.stage_run_id("cpt_moe")
     train = TrainConfig(steps=50, micro_batch_size=4, lr=2e-3, warmup_steps=5,
                         precision="fp32", checkpoint_every=25, keep_checkpoints=2,
                         max_failures=1, log_every=5, lpr_coef=0.01)
@@ -109,7 +109,7 @@ def test_fault_restarts_from_checkpoint_and_training_works(inputs: dict[str, Pat
     # one MLflow run holds the whole history across the restart
     client = MlflowClient(tracking)
     runs = client.search_runs([client.get_run(run_id).info.experiment_id])
-    assert [r.info.run_id for r in runs if r.data.tags.get("deltamoe.stage") == "cpt-moe"] == \
+    assert [r.info.run_id for r in runs if r.data.tags.get("deltamoe.stage") == "cpt_moe"] == \
         [run_id]
     history = client.get_metric_history(run_id, "train/loss")
     steps = sorted({m.step for m in history})

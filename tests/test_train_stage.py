@@ -57,7 +57,7 @@ def test_world_pair_and_cpt_variants_inline(tmp_path: Path) -> None:
     local = run_dir.local_path
     world = build_world(tmp_path)
     (local / "world").symlink_to(world, target_is_directory=True)
-    _data_stage(run_dir, "base-data", world, ORIGINAL)
+    _data_stage(run_dir, "base_data", world, ORIGINAL)
 
     base, built = ensure_base(cfg, run_dir)
     assert built and base.extra["train"]["steps"] == 4
@@ -70,7 +70,7 @@ def test_world_pair_and_cpt_variants_inline(tmp_path: Path) -> None:
 
     post, built = ensure_post(cfg, run_dir)
     assert built and post.extra["train"]["steps"] == 3
-    sft = pq.read_table(local / "sft-data/train/part-0.parquet").to_pydict()
+    sft = pq.read_table(local / "sft_data/train/part-0.parquet").to_pydict()
     assert set(sft["lang"]) == set(ORIGINAL)
     ids, labels = sft["input_ids"][0], sft["labels"][0]
     assert len(ids) == len(labels) == 64
@@ -80,19 +80,19 @@ def test_world_pair_and_cpt_variants_inline(tmp_path: Path) -> None:
 
     _data_stage(run_dir, "data", world, [*ORIGINAL, *NEW])
     ensure_upcycled(cfg, run_dir)
-    moe, built = ensure_trained(cfg, run_dir, "cpt-moe")
+    moe, built = ensure_trained(cfg, run_dir, "cpt_moe")
     assert built and moe.extra["train"]["counts"]["frozen"] > 0
-    out = local / "models/cpt-moe"
+    out = local / "models/cpt_moe"
     assert json.loads((out / "allocation.json").read_text()) == json.loads(
-        (local / "models/moe-init/allocation.json").read_text())
-    with LazyCheckpoint(local / "models/moe-init") as a, LazyCheckpoint(out) as b:
+        (local / "models/moe_init/allocation.json").read_text())
+    with LazyCheckpoint(local / "models/moe_init") as a, LazyCheckpoint(out) as b:
         assert sorted(a.keys()) == sorted(b.keys())  # same (per-expert) layout as upcycle
         for key in a.keys():
             frozen = ".experts.0." in key or not (".experts." in key or ".gate." in key)
             assert torch.equal(a.get(key), b.get(key)) == frozen, key
-    dense, built = ensure_trained(cfg, run_dir, "cpt-dense")
+    dense, built = ensure_trained(cfg, run_dir, "cpt_dense")
     assert built and dense.extra["train"]["counts"]["frozen"] == 0
-    assert ensure_trained(cfg, run_dir, "cpt-moe")[1] is False
+    assert ensure_trained(cfg, run_dir, "cpt_moe")[1] is False
 
     from transformers import AutoModelForCausalLM
 

@@ -16,7 +16,7 @@ import yaml
 
 from workflows.cli import DEMO_CONFIG
 
-STAGES = ["world", "post", "data", "upcycle", "cpt-moe"]
+STAGES = ["world", "post", "data", "upcycle", "cpt_moe"]
 
 
 def _config(tmp: Path) -> Path:
@@ -43,7 +43,7 @@ def test_killed_workflow_resumes_from_the_last_completed_stage(tmp_path: Path) -
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.Popen(_command(path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env=env, start_new_session=True, text=True)
-    checkpoints = run / "checkpoints" / "cpt-moe"
+    checkpoints = run / "checkpoints" / "cpt_moe"
     deadline = time.monotonic() + 400
     try:
         while time.monotonic() < deadline and proc.poll() is None:
@@ -51,24 +51,24 @@ def test_killed_workflow_resumes_from_the_last_completed_stage(tmp_path: Path) -
                 break
             time.sleep(0.2)
         assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-        assert list(checkpoints.glob("*/checkpoint_0*")), "cpt-moe never wrote a checkpoint"
+        assert list(checkpoints.glob("*/checkpoint_0*")), "cpt_moe never wrote a checkpoint"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
         proc.wait()
-    # killed mid-stage: the earlier stages are complete, cpt-moe is not
-    for stage in ("world", "data", "models/moe-init", "models/post"):
+    # killed mid-stage: the earlier stages are complete, cpt_moe is not
+    for stage in ("world", "data", "models/moe_init", "models/post"):
         assert (run / stage / "manifest.json").exists(), stage
-    assert not (run / "models" / "cpt-moe" / "manifest.json").exists()
+    assert not (run / "models" / "cpt_moe" / "manifest.json").exists()
 
     again = subprocess.run(_command(path), capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     lines = {line.split()[0]: line for line in again.stdout.splitlines()
              if line.startswith("  ") and "(" in line}
-    for stage in ("world", "post", "data", "upcycle"):
+    for stage in ("world", "post", "data", "moe_init"):
         assert "skipped (manifest matches)" in lines[stage], again.stdout
-    assert "built" in lines["cpt-moe"], again.stdout
+    assert "built" in lines["cpt_moe"], again.stdout
     starts = [json.loads(line) for line in
               next(checkpoints.glob("*/starts.jsonl")).read_text().splitlines()]
     assert starts[0]["resumed_from"] is None and starts[-1]["resumed_from"] >= 5
-    manifest = json.loads((run / "models" / "cpt-moe" / "manifest.json").read_text())
+    manifest = json.loads((run / "models" / "cpt_moe" / "manifest.json").read_text())
     assert manifest["extra"]["train"]["steps"] == 60

@@ -120,8 +120,9 @@ def _result(cfg: RunConfig, run_dir: RunDir, tracker: ExpansionTracker, nodes: l
     """The summary of a walk; raises :class:`WorkflowError` when any node failed."""
     result = WorkflowResult(run_dir=run_dir.uri, tracking_uri=tracker.tracking_uri,
                             parent_run_id=tracker.parent_run_id, outcomes=outcomes)
-    result.stages = {name: o.line() for name, o in outcomes.items()}
-    result.seconds = {name: o.seconds for name, o in outcomes.items()}
+    ran = {name: o for name, o in outcomes.items() if o.state != "not selected"}
+    result.stages = {name: o.line() for name, o in ran.items()}
+    result.seconds = {name: o.seconds for name, o in ran.items()}
     result.models = {n.model: f"{run_dir.uri}/models/{n.model}" for n in nodes
                      if n.model and outcomes[n.name].ok}
     if outcomes.get("report") is not None and outcomes["report"].state == "built":

@@ -225,8 +225,9 @@ def plan(cfg: RunConfig, *, extra_variants: Iterable[str] = ()) -> list[Node]:
     evaluated = evaluated_variants(cfg, ["base", "post", *variants, *extra_variants])
     produced = {n.model: n.name for n in nodes if n.model}
     for variant in evaluated:
-        needs = (produced[variant],) if variant in produced else \
-            (base_node if variant == "base" else ())
+        # every evaluation reads the routing analysis' held-out text, which the data stage
+        # (or the world) holds: without it, the part's fingerprint would depend on timing
+        needs = ("data", *((produced[variant],) if variant in produced else ()))
         nodes.append(Node(f"eval_{variant}", "evaluate", "evaluate", needs,
                           partial(_evaluate_one, variant=variant, model_dir=None),
                           f"{variant} on the evaluation suites"))

@@ -27,14 +27,14 @@ import yaml
 from components.config import RunConfig
 from components.storage import RunDir, fingerprint
 from components.tracking import ExpansionTracker, resolve_tracking_uri
+from components.variants import VARIANTS
 
 log = logging.getLogger(__name__)
 
 STAGE = "reproduce"
 GROUPS = ("original", "new")
-# The order rows appear in: the model pair, the dense route, then the MoE route and its controls.
-VARIANT_ORDER = ("base", "post", "cpt_dense", "param_delta", "task_arithmetic", "ties", "dare",
-                 "flops_matched", "cpt_moe", "deltamoe", "param_matched", "layermoe")
+# The order rows appear in: the registry's (the model pair, the dense route, the MoE route).
+VARIANT_ORDER = tuple(VARIANTS)
 LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "byte_perplexity", "word_perplexity", "loss")
 
 Rows = Sequence[Mapping[str, Any]]

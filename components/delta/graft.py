@@ -475,15 +475,3 @@ def parse_size(text: str) -> int:
     if unit not in units:
         raise GraftError(f"size {text!r}: expected a number with B, KB, MB, GB, KiB, MiB or GiB")
     return int(float(number) * units[unit])
-
-
-
-def __getattr__(name: str) -> Any:
-    """``verify`` lives in :mod:`components.delta.verify` (which imports this module, so this
-    one cannot import it at the top); ``from components.delta.graft import verify`` still works
-    for callers written before the move."""
-    if name == "verify":
-        from components.delta.verify import verify
-
-        return verify
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -178,7 +178,8 @@ def _scales(option: str, pairs: tuple[str, ...], key_type: type) -> dict:
 @click.option("--workers", default=1, show_default=True,
               help="Ray tasks in parallel (1: in this process).")
 @click.option("--verify", "check", is_flag=True,
-              help="Reload a sample of output tensors and compare with a direct computation.")
+              help="Compare a sample of output tensors with each method's independent "
+                   "reference computation (components/delta/verify.py).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="With CONFIG: override a config key (dotted path).")
 def graft(config: Path | None, base: str | None, post: str | None, target: str | None,
@@ -226,7 +227,7 @@ def graft(config: Path | None, base: str | None, post: str | None, target: str |
         return
     click.echo(f"{result.method} written to {out_dir}: {result.tensors} tensors, "
                f"{result.bytes / 1e6:.1f} MB in {result.units} layer tasks\n{result.formula}"
-               + ("\nverified: sample matches the direct computation" if check else ""))
+               + ("\nverified: sample matches the independent reference" if check else ""))
 
 
 def _graft_from_config(config: Path, method: str | None, overrides: tuple[str, ...]) -> None:
