@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from common import save_model, tiny_dims
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -24,16 +25,7 @@ from components.moe.checkpoint import LazyCheckpoint
 from components.moe.upcycle import UpcycleOptions, upcycle
 from components.synthetic.hf import train_tokenizer
 
-TINY = dict(vocab_size=80, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-            tie_word_embeddings=False)
-
-
-def _save(model: torch.nn.Module, path: Path, tokenizer: object | None = None) -> Path:
-    model.save_pretrained(path)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
-    return path
+TINY = tiny_dims(80)
 
 
 def _perturbed(base: Path, out: Path, seed: int, std: float = 0.01, extra_rows: int = 0,
@@ -46,7 +38,7 @@ def _perturbed(base: Path, out: Path, seed: int, std: float = 0.01, extra_rows: 
                 param.add_(torch.randn(param.shape, generator=g) * std)
     if extra_rows:
         model.resize_token_embeddings(TINY["vocab_size"] + extra_rows)
-    return _save(model, out)
+    return save_model(model, out)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +46,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("graft")
     torch.manual_seed(0)
     tok = train_tokenizer(["hello world ok"] * 50, root / "tok", vocab_size=300)
-    base = _save(LlamaForCausalLM(LlamaConfig(**TINY)), root / "base")
+    base = save_model(LlamaForCausalLM(LlamaConfig(**TINY)), root / "base")
     post = _perturbed(base, root / "post", seed=1)
     tok.save_pretrained(post)  # the post model's tokenizer and chat template go to the output
     cpt_dense = _perturbed(base, root / "cpt-dense", seed=2)
@@ -72,7 +64,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                 param[1:].add_(torch.randn(param[1:].shape, generator=g) * 0.01)
             elif name.endswith("mlp.gate.weight"):
                 param.add_(torch.randn(param.shape, generator=g) * 0.01)
-    cpt_moe = _save(moe, root / "cpt-moe")  # per-expert keys on disk
+    cpt_moe = save_model(moe, root / "cpt-moe")  # per-expert keys on disk
     fused = root / "cpt-moe-fused"
     moe.save_pretrained(fused, save_original_format=False)
     (fused / "allocation.json").write_text('{"experts": {"swh_Latn": [1, 2]}}')
@@ -244,7 +236,7 @@ def test_vocabulary_rules(pair: dict[str, Path], tmp_path: Path) -> None:
 def test_tied_embeddings_are_handled_once(tmp_path: Path) -> None:
     torch.manual_seed(0)
     config = LlamaConfig(**{**TINY, "tie_word_embeddings": True})
-    base = _save(LlamaForCausalLM(config), tmp_path / "base")
+    base = save_model(LlamaForCausalLM(config), tmp_path / "base")
     post = _perturbed(base, tmp_path / "post", seed=1)
     cpt = _perturbed(base, tmp_path / "cpt", seed=2)
     out = tmp_path / "out"
@@ -384,7 +376,7 @@ def test_graft_command_interrupted_then_rerun_is_byte_identical(tmp_path: Path) 
     torch.manual_seed(0)
     config = LlamaConfig(**{**TINY, "num_hidden_layers": 12, "hidden_size": 128,
                             "intermediate_size": 512})
-    base = _save(LlamaForCausalLM(config), tmp_path / "base")
+    base = save_model(LlamaForCausalLM(config), tmp_path / "base")
     post = _perturbed(base, tmp_path / "post", seed=1)
     cpt = _perturbed(base, tmp_path / "cpt", seed=2)
     args = ["graft", "--base", str(base), "--post", str(post), "--target", str(cpt),

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from common import tiny_dims
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from components.moe.allocation import RoutingPrior
@@ -22,9 +23,7 @@ from components.moe.routing import (
 from components.moe.upcycle import UpcycleOptions, upcycle
 from components.train.fsdp import AnchorGuard
 
-TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-            tie_word_embeddings=False)
+TINY = tiny_dims(64)
 
 
 def _moe(tmp_path: Path, **options: object) -> Path:

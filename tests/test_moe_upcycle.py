@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from common import tiny_dims
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
@@ -24,9 +25,7 @@ from components.moe.checkpoint import LazyCheckpoint, detect_layout, relayout
 from components.moe.families import UnsupportedArchitectureError
 from components.moe.upcycle import UpcycleError, UpcycleOptions, upcycle
 
-TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-            tie_word_embeddings=False)
+TINY = tiny_dims(97, num_hidden_layers=3)
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM, "mixtral"),
     "mistral": (MistralConfig, MistralForCausalLM, "mixtral"),

@@ -128,9 +128,9 @@ class AnchorGuard:
     """Keeps the anchor expert's slice of fused expert tensors bit-identical under FSDP2.
 
     transformers 5 holds Mixtral/Qwen experts in one [E, ...] tensor, so the anchor (expert 0)
-    cannot be frozen by ``requires_grad``. Sharded parameters are new DTensors, so the hooks of
-    :func:`components.moe.freeze.freeze` do not apply: this guard zeroes the anchor rows of the
-    local gradient shard (before clipping, so they do not count in the norm) and restores the
+    cannot be frozen by ``requires_grad``. Sharded parameters are new DTensors, so hooks on the
+    original parameters would not apply: this guard zeroes the anchor rows of the local gradient
+    shard (before clipping, so they do not count in the norm) and restores the
     saved rows after each optimizer step (AdamW's decoupled weight decay touches every element).
     """
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from common import save_model, tiny_dims
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -19,9 +20,7 @@ from components.moe.upcycle import UpcycleOptions, upcycle
 from components.storage import MANIFEST
 from workflows.cli import main
 
-TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-            tie_word_embeddings=False)
+TINY = tiny_dims(96)
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str],
@@ -42,11 +41,6 @@ def looks_complete(out: Path) -> bool:
         (out / "config.json").exists()
 
 
-def _save(model: torch.nn.Module, path: Path) -> Path:
-    model.save_pretrained(path)
-    return path
-
-
 def _edit(src: Path, dst: Path, change: Callable[[dict[str, torch.Tensor]], None]) -> Path:
     """A copy of model ``src`` whose tensors went through ``change``."""
     dst.mkdir()
@@ -63,7 +57,7 @@ def _edit(src: Path, dst: Path, change: Callable[[dict[str, torch.Tensor]], None
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bad")
     torch.manual_seed(0)
-    base = _save(LlamaForCausalLM(LlamaConfig(**TINY)), root / "base")
+    base = save_model(LlamaForCausalLM(LlamaConfig(**TINY)), root / "base")
     post = _edit(base, root / "post", lambda t: [v.add_(0.01) for v in t.values()])
     moe = root / "moe"
     moe.mkdir()
@@ -72,7 +66,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     corrupt.mkdir()
     (corrupt / "config.json").write_text((base / "config.json").read_text())
     (corrupt / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
-    missing = _save(LlamaForCausalLM(LlamaConfig(**TINY)), root / "sharded-src")
+    missing = save_model(LlamaForCausalLM(LlamaConfig(**TINY)), root / "sharded-src")
     sharded = root / "missing-shard"
     LlamaForCausalLM.from_pretrained(missing).save_pretrained(sharded, max_shard_size="20KB")
     shards = sorted(sharded.glob("model-*.safetensors"))
@@ -97,7 +91,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "shape": _edit(post, root / "post-shape", shape),
         "vocab": _edit(post, root / "post-vocab", vocab),
         "nan": _edit(post, root / "post-nan", nan),
-        "qwen": _save(Qwen2ForCausalLM(qwen), root / "qwen"),
+        "qwen": save_model(Qwen2ForCausalLM(qwen), root / "qwen"),
     }
 
 
@@ -216,7 +210,7 @@ def test_missing_tokenizer(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     import yaml
 
     torch.manual_seed(0)
-    base = _save(LlamaForCausalLM(LlamaConfig(**TINY)), tmp_path / "base")
+    base = save_model(LlamaForCausalLM(LlamaConfig(**TINY)), tmp_path / "base")
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text(json.dumps({"text": "habari ya asubuhi " * 5}) + "\n")
     raw = {"run_name": "notok", "models": {"base": str(base), "post": str(base)},
@@ -238,7 +232,7 @@ def _base_with_tokenizer(root: Path) -> Path:
     from transformers import PreTrainedTokenizerFast
 
     torch.manual_seed(0)
-    base = _save(LlamaForCausalLM(LlamaConfig(**TINY)), root / "base")
+    base = save_model(LlamaForCausalLM(LlamaConfig(**TINY)), root / "base")
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel()
     tok.train_from_iterator(["habari ya asubuhi", "good morning friend"],

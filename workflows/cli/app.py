@@ -98,43 +98,34 @@ def int_list(option: str, text: str | None) -> tuple[int, ...] | None:
         raise UserError(f"{option}: expected comma-separated integers, got {text!r}") from None
 
 
-def tracked(config: Path, overrides: tuple[str, ...], stage: str, errors: tuple[type, ...],
-             build: Any) -> tuple[Any, Any, bool]:
-    """Load CONFIG, open the run's MLflow parent, run ``build(cfg, run_dir, logger)`` in the
-    stage's child run; ``errors`` become one message and exit 2. Returns (run_dir, manifest,
-    built)."""
-    from components.storage import RunDir, fingerprint
-    from components.tracking import ExpansionTracker, resolve_tracking_uri
+def run_stage(config: Path, overrides: tuple[str, ...] | dict[str, Any], node: str,
+              folder: str) -> tuple[Any, Any, bool]:
+    """Load CONFIG and run the single DAG node ``node`` as the workflow would (a Ray task where
+    its resources are, tracked in its MLflow child run): the stage commands never build in this
+    process. Returns (run_dir, the manifest of ``folder``, built); failures exit like ``run``."""
+    from components.storage import RunDir
+    from workflows.expand import run_workflow
 
-    cfg = load_config(config, overrides=parse_overrides(overrides))
+    parsed = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+    cfg = load_config(config, overrides=parsed)
+    with workflow_errors():
+        result = run_workflow(cfg, only=(node,), user_errors=user_errors())
     run_dir = RunDir(cfg.storage.root, cfg.run_name, cfg.storage.storage_options)
-    tracker = ExpansionTracker(resolve_tracking_uri(cfg.tracking.uri, run_dir),
-                               cfg.tracking.experiment, cfg.run_name, tags=cfg.tracking.tags)
-    resolved = cfg.model_dump(mode="json")
-    tracker.log_config(resolved, fingerprint(resolved))
-    try:
-        with tracker.stage(stage) as logger:
-            manifest, built = build(cfg, run_dir, logger)
-    except errors as err:
-        tracker.finish(failed=True)
-        raise UserError(str(err)) from None
-    except BaseException:
-        tracker.finish(failed=True)
-        raise
-    tracker.finish()
-    return run_dir, manifest, built
+    manifest = run_dir.stage(folder).read_manifest()
+    assert manifest is not None  # the node succeeded, so its stage committed
+    return run_dir, manifest, result.outcomes[node].state == "built"
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors of the stages that mean bad input rather than a bug: one message, exit 2."""
     from components.data.errors import DataError
     from components.delta.graft import GraftError
-    from components.moe.families import UnsupportedArchitectureError
+    from components.moe.families import UnknownTensorError, UnsupportedArchitectureError
     from components.moe.upcycle import UpcycleError
     from components.train.spec import TrainError
 
-    return (UpcycleError, UnsupportedArchitectureError, GraftError, TrainError, DataError,
-            FileNotFoundError)
+    return (UpcycleError, UnsupportedArchitectureError, UnknownTensorError, GraftError,
+            TrainError, DataError, FileNotFoundError)
 
 
 @contextmanager

@@ -18,7 +18,7 @@ from workflows.cli.app import (
     config_choices,
     int_list,
     parse_overrides,
-    tracked,
+    run_stage,
 )
 
 
@@ -127,13 +127,9 @@ def upcycle(config: Path | None, model_dir: Path | None, out_dir: Path | None, n
 
 
 def _upcycle_from_config(config: Path, overrides: tuple[str, ...]) -> None:
-    from components.moe.families import UnsupportedArchitectureError
-    from components.moe.upcycle import UpcycleError
-    from workflows.upcycle_stage import STAGE, ensure_upcycled
+    from workflows.upcycle_stage import STAGE
 
-    run_dir, manifest, built = tracked(config, overrides, "upcycle",
-                                        (UpcycleError, UnsupportedArchitectureError),
-                                        ensure_upcycled)
+    run_dir, manifest, built = run_stage(config, overrides, "moe_init", STAGE)
     where = run_dir.stage(STAGE).uri
     if not built:
         click.echo(f"{where}: already complete, skipped")
@@ -231,13 +227,11 @@ def graft(config: Path | None, base: str | None, post: str | None, target: str |
 
 
 def _graft_from_config(config: Path, method: str | None, overrides: tuple[str, ...]) -> None:
-    from components.delta.graft import GraftError
-    from workflows.graft_stage import ensure_grafted
-
-    name = method or load_config(config, overrides=parse_overrides(overrides)).graft.method
-    run_dir, manifest, built = tracked(
-        config, overrides, f"graft-{name}", (GraftError,),
-        lambda cfg, run_dir, logger: ensure_grafted(cfg, run_dir, name, logger))
+    parsed = parse_overrides(overrides)
+    name = method or load_config(config, overrides=parsed).graft.method
+    # the method's variant is a node of this run's DAG once it is the run's graft method
+    run_dir, manifest, built = run_stage(config, {**parsed, "graft.method": name}, name,
+                                         f"models/{name}")
     where = run_dir.stage(f"models/{name}").uri
     state = "written" if built else "already complete, skipped"
     click.echo(f"{name} {state}: {where} ({manifest.extra['graft']['tensors']} tensors)")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -16,7 +15,7 @@ from workflows.cli.app import (
     cli,
     int_list,
     parse_overrides,
-    tracked,
+    run_stage,
     user_errors,
     workflow_errors,
 )
@@ -165,26 +164,9 @@ def evaluate(config: Path, data_dir: str | None, variants: tuple[str, ...], limi
               help="Override a config key (dotted path).")
 def data_command(config: Path, overrides: tuple[str, ...]) -> None:
     """Read, language-tag, filter, dedup, tokenize, mix and pack the corpora into ``data/``."""
-    from components.data import DataError
-    from workflows.data_stage import STAGE, ensure_data
+    from workflows.data_stage import STAGE
 
-    def build(cfg: Any, run_dir: Any, logger: Any) -> tuple[Any, bool]:
-        from components.data.tokenize import load_tokenizer
-        from workflows.data_stage import tokenizer_dir
-        from workflows.expand import init_ray
-
-        load_tokenizer(tokenizer_dir(cfg, run_dir))  # named before Ray starts
-        owns_ray = init_ray(cfg)
-        try:
-            return ensure_data(cfg, run_dir, logger)
-        finally:
-            if owns_ray:
-                import ray
-
-                ray.shutdown()
-
-    run_dir, manifest, built = tracked(config, overrides, "data",
-                                        (DataError, FileNotFoundError), build)
+    run_dir, manifest, built = run_stage(config, overrides, "data", STAGE)
     where = run_dir.stage(STAGE).uri
     if not built:
         click.echo(f"{where}: already complete, skipped")
@@ -207,16 +189,15 @@ def data_command(config: Path, overrides: tuple[str, ...]) -> None:
               help="Override a config key (dotted path).")
 def train_command(config: Path, variant: str, overrides: tuple[str, ...]) -> None:
     """Continued pre-training on Ray Train (FSDP2); resumes from the last checkpoint."""
-    from components.train.spec import TrainError
     from components.variants import get_variant
-    from workflows.plan import variant_config
-    from workflows.train_stage import ensure_trained
 
     v = get_variant(variant)
-    stage = str(v.trained)  # the stage, its MLflow child run and its models/ folder
-    run_dir, manifest, built = tracked(
-        config, overrides, stage, (TrainError, FileNotFoundError, ValueError),
-        lambda cfg, rd, lg: ensure_trained(variant_config(cfg, v), rd, variant, lg))
+    stage = str(v.trained)  # the node, its MLflow child run and its models/ folder
+    parsed = parse_overrides(overrides)
+    if v.baseline and v.name != "cpt_moe":  # a baseline's training is a node once it is asked
+        asked = load_config(config, overrides=parsed).baselines.variants
+        parsed = {**parsed, "baselines.variants": list(dict.fromkeys([*asked, v.name]))}
+    run_dir, manifest, built = run_stage(config, parsed, stage, f"models/{stage}")
     where = run_dir.stage(f"models/{stage}").uri
     info = manifest.extra.get("train", {})
     state = "built" if built else "already complete, skipped"
