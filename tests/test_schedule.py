@@ -1,9 +1,5 @@
-"""Submission ids, runtime envs and schedules, against an in-memory job server.
-
-The job server double keeps jobs by submission id exactly as Ray's does (``submit_job`` with a
-used id raises, ``get_job_info`` of an unknown id raises a 404 error); the real server is
-exercised by tests/test_submit_ray.py.
-"""
+"""Schedules against an in-memory job server (tests/job_fakes.py): one submission per slot,
+missed ticks, a failed slot reported with a non-zero exit and not retried on every poll."""
 
 from __future__ import annotations
 
@@ -13,46 +9,20 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
+from click.testing import CliRunner
+from job_fakes import Jobs, cluster_config, no_mlflow
 
-from components.config import SECRET_MASK, ConfigError, load_config
-from workflows.cli import DEMO_CONFIG
+from components.config import ConfigError, load_config
 from workflows.schedule import latest_slot, load_schedule, run_due
-from workflows.submit import (
-    RUNTIME_ENV_FILE,
-    SubmitError,
-    build_runtime_env,
-    masked,
-    submission_id,
-    submit,
-)
-
-
-class Jobs:
-    def __init__(self) -> None:
-        self.jobs: dict[str, dict] = {}
-
-    def submit_job(self, *, entrypoint, submission_id=None, runtime_env=None, metadata=None):
-        if submission_id in self.jobs:
-            raise RuntimeError(f"Job with submission_id {submission_id} already exists.")
-        self.jobs[submission_id] = {"entrypoint": entrypoint, "runtime_env": runtime_env,
-                                    "metadata": metadata}
-        return submission_id
-
-    def get_job_info(self, job_id):
-        if job_id not in self.jobs:
-            raise RuntimeError("Request failed with status code 404: Job does not exist.")
-        return SimpleNamespace(status="PENDING", message="", **self.jobs[job_id])
 
 
 @pytest.fixture
 def work(tmp_path: Path) -> Path:
-    """A working dir holding the demo config and a schedule."""
-    (tmp_path / "configs").mkdir()
-    (tmp_path / "configs" / "demo.yaml").write_text(DEMO_CONFIG.read_text())
+    """A working dir holding a cluster-ready demo config and a schedule."""
+    cluster_config(tmp_path)
     (tmp_path / "schedule.yaml").write_text(yaml.safe_dump({
         "timezone": "UTC",
         "entries": [
@@ -62,48 +32,6 @@ def work(tmp_path: Path) -> Path:
              "language_sets": [["swh_Latn"], ["rus_Cyrl"]], "max_delay_minutes": 60},
         ]}))
     return tmp_path
-
-
-def test_submission_id_is_a_function_of_config_slot_and_args() -> None:
-    cfg = load_config(DEMO_CONFIG, env={})
-    slot = datetime(2026, 3, 1, 2, 0, tzinfo=UTC)
-    sid = submission_id(cfg, slot)
-    assert sid.startswith("deltamoe-demo-20260301t0200z-") and len(sid.rsplit("-", 1)[1]) == 12
-    assert submission_id(load_config(DEMO_CONFIG, env={}), slot) == sid
-    assert submission_id(cfg, slot.replace(hour=3)) != sid
-    assert submission_id(cfg, slot, ["--only", "world"]) != sid
-    other = load_config(DEMO_CONFIG, env={}, overrides={"train.steps": 61})
-    assert submission_id(other, slot) != sid
-    assert "-2026" not in submission_id(cfg)
-
-
-def test_runtime_env_passes_env_through_and_masks_secrets(tmp_path: Path) -> None:
-    env = {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "AWS_SECRET_ACCESS_KEY": "s3cr3t",
-           "UNRELATED": "x", "MY_VAR": "y"}
-    rt = build_runtime_env(tmp_path, env=env, extra_env=["MY_VAR"])
-    assert rt["working_dir"] == str(tmp_path) and "env_passthrough" not in rt
-    assert rt["env_vars"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
-    assert rt["env_vars"]["AWS_SECRET_ACCESS_KEY"] == "s3cr3t"
-    assert rt["env_vars"]["MY_VAR"] == "y" and "UNRELATED" not in rt["env_vars"]
-    assert {".venv/", ".git/", "runs/", "checkpoints/", "data/",
-            "benchmarks/.mergekit/"} <= set(rt["excludes"])
-    assert "torch==2.13.0" in rt["pip"]["packages"]
-    shown = masked(rt)
-    assert shown["env_vars"]["AWS_SECRET_ACCESS_KEY"] == SECRET_MASK
-    assert shown["env_vars"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
-    assert "pip" not in build_runtime_env(tmp_path, env=env, pip=False)
-    assert yaml.safe_load(RUNTIME_ENV_FILE.read_text())["working_dir"] == "."
-
-
-def test_submit_refuses_a_config_the_cluster_would_not_see(work: Path, tmp_path: Path) -> None:
-    jobs = Jobs()
-    with pytest.raises(SubmitError, match="must be inside the working dir"):
-        submit(DEMO_CONFIG, jobs, working_dir=work, env={})
-    (work / "runs").mkdir()
-    (work / "runs" / "x.yaml").write_text(DEMO_CONFIG.read_text())
-    with pytest.raises(SubmitError, match="excludes"):
-        submit(work / "runs" / "x.yaml", jobs, working_dir=work, env={})
-    assert jobs.jobs == {}
 
 
 def test_latest_slot() -> None:
@@ -120,13 +48,14 @@ def test_run_due_submits_once_per_slot(work: Path) -> None:
     jobs = Jobs()
     schedule = work / "schedule.yaml"
     sunday = datetime(2026, 3, 1, 3, 20, tzinfo=UTC)
-    first = run_due(schedule, jobs, sunday, working_dir=work, env={})
+    first = run_due(schedule, jobs, sunday, working_dir=work, env={}, register=no_mlflow)
     assert [(j.entry, j.run_name, s.created) for j, s in first] == [
         ("nightly", "demo", True), ("weekly-sweep", "demo-swh", True),
         ("weekly-sweep", "demo-rus", True)]
     nightly = jobs.jobs[first[0][1].submission_id]
     assert shlex.split(nightly["entrypoint"]) == [
-        "deltamoe", "run", "configs/demo.yaml", "--set", "train.steps=10", "--only", "world"]
+        "python", "-m", "workflows.cli", "run", "configs/demo.yaml", "--set", "train.steps=10",
+        "--only", "world"]
     assert nightly["metadata"]["deltamoe.slot"] == "20260301T0200Z"
     swh = shlex.split(jobs.jobs[first[1][1].submission_id]["entrypoint"])
     assert 'run_name="demo-swh"' in swh
@@ -136,14 +65,15 @@ def test_run_due_submits_once_per_slot(work: Path) -> None:
     assert load_config(work / "configs/demo.yaml", env={}, overrides=ov).run_name == "demo-swh"
 
     # later within the same slots: nothing new
-    again = run_due(schedule, jobs, sunday.replace(minute=50), working_dir=work, env={})
+    again = run_due(schedule, jobs, sunday.replace(minute=50), working_dir=work, env={},
+                    register=no_mlflow)
     assert [s.created for _, s in again] == [False, False, False]
     assert [s.submission_id for _, s in again] == [s.submission_id for _, s in first]
     assert len(jobs.jobs) == 3
 
     # next day: the nightly slot moved on; the weekly one is more than 60 minutes old
     monday = run_due(schedule, jobs, datetime(2026, 3, 2, 2, 5, tzinfo=UTC),
-                     working_dir=work, env={})
+                     working_dir=work, env={}, register=no_mlflow)
     assert monday[0][1].created and monday[0][0].slot == datetime(2026, 3, 2, 2, 0, tzinfo=UTC)
     assert [s for _, s in monday[1:]] == [None, None]  # missed, not submitted
     assert len(jobs.jobs) == 4
@@ -172,7 +102,8 @@ def test_bad_schedules_name_the_key(work: Path) -> None:
         {"name": "s", "cron": "0 1 * * *", "config": "configs/demo.yaml",
          "language_sets": [["eng_Latn"]]}]}))
     with pytest.raises(ConfigError, match=r"already in languages\.original") as err:
-        run_due(sets, Jobs(), datetime(2026, 3, 1, tzinfo=UTC), working_dir=work, env={})
+        run_due(sets, Jobs(), datetime(2026, 3, 1, tzinfo=UTC), working_dir=work, env={},
+                register=no_mlflow)
     assert err.value.issues[0][0] == "entries.0.language_sets"
 
 
@@ -190,3 +121,39 @@ def test_cli_run_due_dry_run_and_bad_file(work: Path) -> None:
                              env=env, timeout=120)
     assert missing.returncode == 2 and "schedule file not found" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_run_due_exits_non_zero_on_a_failed_slot_and_retries_only_when_asked(
+        work: Path, monkeypatch) -> None:
+    """Through the command (in process, the job server swapped for the double): a failed slot
+    exits 1 on every poll without a new attempt; --retry-failed starts one."""
+    import workflows.cli.cluster as cluster_cli
+    from workflows.cli import cli
+
+    jobs = Jobs()
+    monkeypatch.setattr(cluster_cli, "_client", lambda address: jobs)
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.setenv(name, "1")  # restored after the test (the command sets defaults)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    args = ["schedule", "run-due", str(work / "schedule.yaml"), "--address", "http://x:1",
+            "--now", "2026-03-02T02:05", "--working-dir", str(work)]
+    runner = CliRunner()
+    first = runner.invoke(cli, args)
+    assert first.exit_code == 0, first.output
+    (sid,) = jobs.jobs  # Monday: the nightly slot only (the weekly one was missed)
+    assert f"nightly: demo slot 2026-03-02T02:00:00+00:00: submitted {sid}" in first.output
+
+    jobs.finish(sid, "FAILED")
+    for _ in range(2):  # the scheduler polls again: reported, not resubmitted
+        polled = runner.invoke(cli, args)
+        assert polled.exit_code == 1, polled.output
+        assert f"FAILED ({sid}): not resubmitted; --retry-failed starts attempt 2" \
+            in polled.output
+        assert list(jobs.jobs) == [sid]
+
+    retried = runner.invoke(cli, [*args, "--retry-failed"])
+    assert retried.exit_code == 0, retried.output
+    assert f"submitted {sid}-a2, retrying attempt 1 (FAILED)" in retried.output
+    jobs.finish(f"{sid}-a2", "SUCCEEDED")
+    done = runner.invoke(cli, args)
+    assert done.exit_code == 0 and f"already submitted {sid}-a2 (SUCCEEDED)" in done.output

@@ -125,3 +125,80 @@ def test_cli_sweep_runs_one_expansion_per_set(tmp_path) -> None:
                          timeout=120)
     assert bad.returncode == 2 and "already in languages.original" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_sweep_submit_one_job_per_set_then_the_summary_reads_mlflow(tmp_path, monkeypatch) -> None:
+    """``sweep --submit`` (job server swapped for the double of job_fakes) submits each set as
+    its own job; the jobs then log as the workflow does (the submitter's parent run reattached,
+    the evaluate stage's table logged by the evaluate stage's own code) and ``sweep-summary``
+    collects the finished run's table, the failed run's state and the run not in MLflow."""
+    from click.testing import CliRunner
+    from job_fakes import Jobs, cluster_config
+    from mlflow import MlflowClient
+
+    import workflows.cli.cluster as cluster_cli
+    from components.evaluate.results import ResultRow, comparison_rows
+    from components.tracking import ExpansionTracker
+    from workflows.cli import cli
+    from workflows.evaluate_stage import _log_stage
+
+    config = cluster_config(tmp_path)
+    jobs = Jobs()
+    monkeypatch.setattr(cluster_cli, "_client", lambda address: jobs)
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.setenv(name, "1")  # restored after the test (the commands set defaults)
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    runner = CliRunner()
+    base = ["sweep", str(config), "-l", "swh_Latn", "-l", "rus_Cyrl", "--only", "world",
+            "--submit", "--working-dir", str(tmp_path)]
+    dry = runner.invoke(cli, [*base, "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert "dry run: 2 jobs" in dry.output and dry.output.count("entrypoint: python -m") == 2
+    assert jobs.jobs == {}
+
+    sub = runner.invoke(cli, [*base, "--address", "http://head:8265"])
+    assert sub.exit_code == 0, sub.output
+    assert len(jobs.jobs) == 2
+    by_run = {job["metadata"]["job_name"]: job for job in jobs.jobs.values()}
+    assert sorted(by_run) == ["demo-rus", "demo-swh"]
+    assert 'languages.new=["swh_Latn"]' in by_run["demo-swh"]["entrypoint"]
+    assert by_run["demo-swh"]["entrypoint"].endswith("--only world")
+    assert all(job["resources"]["entrypoint_num_cpus"] == 1.0 for job in jobs.jobs.values())
+    assert f"collect: deltamoe sweep-summary {config} -l swh_Latn -l rus_Cyrl" in sub.output
+    again = runner.invoke(cli, [*base, "--address", "http://head:8265"])
+    assert again.output.count("already submitted") == 2 and len(jobs.jobs) == 2
+
+    # what the two jobs do on the cluster
+    uri = f"sqlite:///{tmp_path / 'shared' / 'mlflow.db'}"
+    swh = ExpansionTracker(uri, "deltamoe-demo", "demo-swh")
+    assert swh.parent_run_id == by_run["demo-swh"]["metadata"]["mlflow_run_id"]
+    rows = [ResultRow("synthetic_mc", lang, "acc", value, None, 10) for lang, value in
+            (("eng_Latn", 0.8), ("deu_Latn", 0.6), ("swh_Latn", 0.5))]
+    folder = tmp_path / "eval"
+    (folder / "plots").mkdir(parents=True)
+    flat = [{"variant": "deltamoe", **r.to_dict()} for r in rows]
+    with swh.stage("evaluate") as logger:
+        _log_stage(logger, folder, {
+            "flat": flat, "routing": [], "table": "t",
+            "comparison": comparison_rows({"deltamoe": rows}, ["eng_Latn", "deu_Latn"],
+                                          ["swh_Latn"])})
+    swh.finish()
+    ExpansionTracker(uri, "deltamoe-demo", "demo-rus").finish(failed=True)
+    assert len(MlflowClient(uri).search_runs(
+        [swh.experiment_id], filter_string="tags.`deltamoe.kind` = 'expansion'")) == 2
+
+    summary = runner.invoke(cli, ["sweep-summary", str(config), "-l", "swh_Latn", "-l",
+                                  "rus_Cyrl", "-l", "swh_Latn,rus_Cyrl"])
+    assert summary.exit_code == 1, summary.output  # a run failed
+    assert summary.output.splitlines()[:3] == [
+        "## sweep of demo: 3 runs",
+        "| run | new languages | status | variant | task | metric | original | expanded |",
+        "|---|---|---|---|---|---|---|---|"]
+    assert summary.output.splitlines()[3:] == [
+        "| demo-swh | swh_Latn | finished | deltamoe | synthetic_mc | acc | 0.700 | 0.500 |",
+        "| demo-rus | rus_Cyrl | failed | | | | | |",
+        "| demo-swh-rus | – | not in MLflow | | | | | |"]
+    every = runner.invoke(cli, ["sweep-summary", str(config)])
+    assert [line.split(" | ")[0] for line in every.output.splitlines()[3:]] == [
+        "| demo-rus", "| demo-swh"]

@@ -19,11 +19,16 @@ A schedule is YAML (validated by pydantic)::
 ``run-due`` again within the same slot finds the jobs already submitted and starts nothing:
 cron, Airflow or a KubeRay RayCronJob may call it as often as they like. Only the latest tick
 is considered: a schedule that was down for three ticks runs once, not three times.
+
+A slot whose job FAILED is reported (the command exits non-zero, so the scheduler shows the
+failure) and not retried on every poll: ``--retry-failed`` starts a new attempt, and so does a
+changed checkout or config, whose submission id differs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -35,11 +40,20 @@ from croniter import croniter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from components.config import ConfigError, load_config
-from workflows.submit import PROJECT_ROOT, JobClient, Submission, submit
+from workflows.submit import (
+    PROJECT_ROOT,
+    JobClient,
+    MlflowRun,
+    Plan,
+    Submission,
+    plan_submission,
+    register_mlflow_run,
+    submit,
+)
 from workflows.sweep import sweep_runs
 
-__all__ = ["DueJob", "Schedule", "ScheduleEntry", "due_jobs", "latest_slot", "load_schedule",
-           "run_due"]
+__all__ = ["DueJob", "Schedule", "ScheduleEntry", "due_jobs", "failed", "latest_slot",
+           "load_schedule", "run_due"]
 
 
 class ScheduleEntry(BaseModel):
@@ -122,9 +136,11 @@ class DueJob:
     missed: bool = False
 
 
-def due_jobs(schedule: Schedule, schedule_dir: Path, now: datetime) -> list[DueJob]:
+def due_jobs(schedule: Schedule, schedule_dir: Path, now: datetime,
+             env: Mapping[str, str] | None = None) -> list[DueJob]:
     """What every entry asks for at ``now``: one job per entry, one per language set of a sweep.
-    Configs are loaded and validated here, so a bad entry fails before anything is submitted."""
+    Configs are loaded (with ``env``) and validated here, so a bad entry fails before anything
+    is submitted."""
     jobs: list[DueJob] = []
     issues: list[tuple[str, str]] = []
     if now.tzinfo is None:
@@ -136,7 +152,7 @@ def due_jobs(schedule: Schedule, schedule_dir: Path, now: datetime) -> list[DueJ
         config = (schedule_dir / entry.config).resolve()
         run_args = tuple(a for stage in entry.only for a in ("--only", stage))
         try:
-            cfg = load_config(config, overrides=entry.overrides)
+            cfg = load_config(config, env=env, overrides=entry.overrides)
             if entry.language_sets is None:
                 runs = [(cfg.run_name, dict(entry.overrides))]
             else:
@@ -157,16 +173,29 @@ def due_jobs(schedule: Schedule, schedule_dir: Path, now: datetime) -> list[DueJ
 
 def run_due(schedule_path: Path, client: JobClient, now: datetime, *,
             working_dir: Path = PROJECT_ROOT, env: Mapping[str, str] | None = None,
-            pip: bool = True, extra_env: Sequence[str] = ()
+            pip: bool = True, extra_env: Sequence[str] = (), cluster_env: Sequence[str] = (),
+            retry_failed: bool = False,
+            register: Callable[[Plan, str], MlflowRun | None] = register_mlflow_run,
             ) -> list[tuple[DueJob, Submission | None]]:
-    """Submit every due job that was not submitted yet; (job, submission or None if missed)."""
+    """Submit every due job that was not submitted yet; (job, submission or None if missed).
+
+    Every due job is planned (config resolved as the job will see it, storage and tracking
+    checked) before the first is submitted. A slot's FAILED or STOPPED job is left as it is
+    unless ``retry_failed``: its Submission has ``created`` False and that status."""
     schedule = load_schedule(schedule_path)
-    out: list[tuple[DueJob, Submission | None]] = []
-    for job in due_jobs(schedule, schedule_path.resolve().parent, now):
-        if job.missed:
-            out.append((job, None))
-            continue
-        out.append((job, submit(job.config, client, slot=job.slot, overrides=job.overrides,
-                                run_args=job.run_args, working_dir=working_dir, env=env,
-                                pip=pip, extra_env=extra_env)))
-    return out
+    resolving = {**(os.environ if env is None else env), **{n: f"${{{n}}}" for n in cluster_env}}
+    due = due_jobs(schedule, schedule_path.resolve().parent, now, env=resolving)
+    plans = {id(job): plan_submission(job.config, slot=job.slot, overrides=job.overrides,
+                                      run_args=job.run_args, working_dir=working_dir, env=env,
+                                      pip=pip, extra_env=extra_env, cluster_env=cluster_env)
+             for job in due if not job.missed}
+    return [(job, None if job.missed else submit(plans[id(job)], client, retry=retry_failed,
+                                                  register=register))
+            for job in due]
+
+
+def failed(results: Sequence[tuple[DueJob, Submission | None]]) -> list[Submission]:
+    """The slots' jobs that FAILED (and were not retried in this call): ``run-due`` exits
+    non-zero on them. A STOPPED job was stopped on purpose and is only reported."""
+    return [sub for _, sub in results if sub is not None and not sub.created
+            and sub.status == "FAILED"]

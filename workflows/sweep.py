@@ -9,24 +9,33 @@ sources stay the base config's, so every run of a sweep reads the same corpora.
 A sweep run is the base config plus a few dotted-key overrides (:func:`sweep_overrides`), which is
 exactly what ``deltamoe run CONFIG --set KEY=VALUE`` takes: a cluster job reproduces a sweep run
 from the base config file and its overrides, with no generated file to ship. ``deltamoe sweep``
-runs the expansions one after the other (:func:`run_sweep`) and prints :func:`sweep_summary`.
+runs the expansions one after the other (:func:`run_sweep`) and prints :func:`sweep_summary`;
+``deltamoe sweep --submit`` submits each set as its own Ray job so they run side by side
+(:func:`plan_sweep_jobs`), and ``deltamoe sweep-summary`` collects the finished runs' evaluation
+tables from MLflow (:func:`collect_sweep`, :func:`records_summary`), where the jobs logged them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from components.config import ConfigError, RunConfig
 from components.languages import canonical_tag
 
-__all__ = ["LanguageSets", "SweepRun", "expand_sweep", "run_sweep", "set_name", "sweep_overrides",
+__all__ = ["LanguageSets", "SweepRecord", "SweepRun", "collect_sweep", "expand_sweep",
+           "plan_sweep_jobs", "records_summary", "run_sweep", "set_name", "sweep_overrides",
            "sweep_runs", "sweep_summary"]
+
+if TYPE_CHECKING:
+    from workflows.submit import Plan
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +44,11 @@ LanguageSets = Sequence[Sequence[str]] | Mapping[str, Sequence[str]]
 
 SWEEP_TAG = "deltamoe.sweep"
 LANGUAGES_TAG = "deltamoe.languages"
+EVAL_STAGE = "evaluate"
+"""The stage run (``deltamoe.stage`` tag) whose ``eval/results.json`` table holds every row."""
+EVAL_TABLE = "eval/results.json"
+_HEADER = ["| run | new languages | {state} | variant | task | metric | original | expanded |",
+           "|---|---|---|---|---|---|---|---|"]
 
 
 def set_name(tags: Sequence[str]) -> str:
@@ -196,16 +210,26 @@ def run_sweep(cfg: RunConfig, language_sets: LanguageSets, *, from_stage: str | 
     return runs
 
 
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def _rows_lines(head: str, state: str, evaluated: Mapping[str, Any], original: Sequence[str],
+                new: Sequence[str]) -> list[str]:
+    """One table line per (variant, task's primary metric) of a run, or one saying none."""
+    from components.evaluate.results import comparison_rows
+
+    rows = comparison_rows(evaluated, original, new)
+    if not rows:
+        return [f"{head} {state} | – | not evaluated | | | |"]
+    return [f"{head} {state} | {row['variant']} | {row['task']} | {row['metric']} | "
+            f"{_fmt(row['original'])} | {_fmt(row['new'])} |" for row in rows]
+
+
 def sweep_summary(runs: Sequence[SweepRun]) -> str:
     """Markdown comparing the runs: per run, its stages, and per evaluated variant the
     original- and expanded-language averages of each task's primary metric."""
-    from components.evaluate.results import comparison_rows
-
-    def fmt(value: float | None) -> str:
-        return "–" if value is None else f"{value:.3f}"
-
-    lines = ["| run | new languages | stages | variant | task | metric | original | expanded |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [_HEADER[0].format(state="stages"), _HEADER[1]]
     for run in runs:
         head = f"| {run.cfg.run_name} | {', '.join(run.cfg.languages.new)} |"
         if run.error is not None:
@@ -213,12 +237,103 @@ def sweep_summary(runs: Sequence[SweepRun]) -> str:
             continue
         states = list(run.result.stages.values())
         built = sum(s == "built" for s in states)
-        stages = f"{len(states)} ({built} built)"
-        rows = comparison_rows(run.result.evaluated or {}, run.cfg.languages.original,
-                               run.cfg.languages.new)
-        if not rows:
-            lines.append(f"{head} {stages} | – | not evaluated | | | |")
-        for row in rows:
-            lines.append(f"{head} {stages} | {row['variant']} | {row['task']} | "
-                         f"{row['metric']} | {fmt(row['original'])} | {fmt(row['new'])} |")
+        lines += _rows_lines(head, f"{len(states)} ({built} built)", run.result.evaluated or {},
+                             run.cfg.languages.original, run.cfg.languages.new)
+    return "\n".join(lines)
+
+
+def plan_sweep_jobs(config: Path, cfg: RunConfig, language_sets: LanguageSets, *,
+                    overrides: Mapping[str, Any] | None = None, **plan_options: Any) -> list[Plan]:
+    """One submission :class:`~workflows.submit.Plan` per set (the base file plus the set's
+    overrides), every one resolved and checked before any is submitted. ``plan_options`` go to
+    :func:`workflows.submit.plan_submission` (working dir, env, run args ...)."""
+    from workflows.submit import plan_submission
+
+    return [plan_submission(config, overrides={**(overrides or {}), **run_overrides},
+                            **plan_options)
+            for _, run_overrides in sweep_runs(cfg, language_sets)]
+
+
+@dataclass(frozen=True)
+class SweepRecord:
+    """One run of a sweep as MLflow has it: the parent run's status and, once it finished, its
+    evaluation rows per variant (None: no evaluation table)."""
+
+    run_name: str
+    new: list[str]
+    status: str
+    """MLflow's status of the parent run (SCHEDULED: submitted, not started), or MISSING."""
+    evaluated: dict[str, list[Any]] | None = None
+
+
+_STATES = {"FINISHED": "finished", "RUNNING": "running", "SCHEDULED": "submitted, not started",
+           "FAILED": "failed", "KILLED": "stopped", "MISSING": "not in MLflow"}
+
+
+def _eval_table(client: Any, experiment_id: str, parent_id: str) -> dict[str, list[Any]] | None:
+    """The rows of the run's evaluate stage table, per variant; None when it has none."""
+    from mlflow.exceptions import MlflowException
+
+    from components.evaluate.results import ResultRow
+
+    stages = client.search_runs([experiment_id], filter_string=(
+        f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`deltamoe.stage` = '{EVAL_STAGE}'"),
+        max_results=1)
+    if not stages:
+        return None
+    with tempfile.TemporaryDirectory(prefix="sweep-summary-") as tmp:
+        try:
+            path = client.download_artifacts(stages[0].info.run_id, EVAL_TABLE, tmp)
+        except (MlflowException, OSError):
+            return None
+        table = json.loads(Path(path).read_text(encoding="utf-8"))
+    out: dict[str, list[Any]] = {}
+    for values in table["data"]:
+        row = dict(zip(table["columns"], values, strict=True))
+        out.setdefault(row["variant"], []).append(ResultRow(
+            row["task"], row["lang"], row["metric"], float(row["value"]),
+            None if row.get("stderr") is None else float(row["stderr"]), int(row["n"])))
+    return out
+
+
+def collect_sweep(tracking_uri: str, experiment: str, sweep: str,
+                  run_names: Sequence[str] | None = None) -> list[SweepRecord]:
+    """Every run of the sweep ``sweep`` (the base run name) in MLflow, or those of
+    ``run_names`` in that order (MISSING when MLflow has none), with the finished runs' tables.
+    Runs submitted as separate Ray jobs meet here: each logged its own parent run."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    found = [] if exp is None else client.search_runs(
+        [exp.experiment_id], filter_string=(f"tags.`{SWEEP_TAG}` = '{sweep}' and "
+                                            "tags.`deltamoe.kind` = 'expansion'"),
+        order_by=["attributes.start_time ASC"], max_results=5000)
+    by_name: dict[str, Any] = {}
+    for run in found:
+        by_name.setdefault(run.data.tags.get("deltamoe.run_name", run.info.run_name), run)
+    records = []
+    for name in (list(run_names) if run_names is not None else sorted(by_name)):
+        run = by_name.get(name)
+        if run is None:
+            records.append(SweepRecord(name, [], "MISSING"))
+            continue
+        new = [t for t in run.data.tags.get(LANGUAGES_TAG, "").split(",") if t]
+        table = (_eval_table(client, run.info.experiment_id, run.info.run_id)
+                 if run.info.status == "FINISHED" else None)
+        records.append(SweepRecord(name, new, run.info.status, table))
+    return records
+
+
+def records_summary(records: Sequence[SweepRecord], original: Sequence[str]) -> str:
+    """Markdown of :func:`collect_sweep`: the finished runs' comparison rows, as
+    :func:`sweep_summary` has them, and the state of every other run."""
+    lines = [_HEADER[0].format(state="status"), _HEADER[1]]
+    for rec in records:
+        head = f"| {rec.run_name} | {', '.join(rec.new) or '–'} |"
+        state = _STATES.get(rec.status, rec.status.lower())
+        if rec.status != "FINISHED":
+            lines.append(f"{head} {state} | | | | | |")
+            continue
+        lines += _rows_lines(head, state, rec.evaluated or {}, original, rec.new)
     return "\n".join(lines)
