@@ -158,3 +158,53 @@ def test_grafana_dashboard_queries_metrics_ray_exports() -> None:
     assert {"ray_train_controller_state", "ray_train_report_total_blocked_time_s",
             "ray_node_gpus_utilization", "ray_node_gram_used", "ray_deltamoe_train_loss",
             "ray_deltamoe_train_tokens_per_second"} <= names
+
+
+def _pod_env(container: dict) -> dict[str, str]:
+    """A container's environment, a secretKeyRef standing for a value the Secret holds."""
+    out = {}
+    for item in container.get("env", []):
+        ref = item.get("valueFrom", {}).get("secretKeyRef")
+        out[item["name"]] = "http://mlflow:5000" if ref and "mlflow" in ref["name"] else \
+            (f"<secret {ref['name']}>" if ref else item["value"])
+    return out
+
+
+def test_the_cron_jobs_submissions_pass_the_cluster_checks() -> None:
+    """What the RayCronJob's `run-due` submits from its pod's environment keeps its results
+    (shared storage root, a tracking server) and leaves HF_TOKEN to the RayCluster."""
+    from workflows.submit import plan_submission
+
+    cron = _load("raycronjob.yaml")["spec"]["jobTemplate"]
+    head, = cron["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    env = _pod_env(head)
+    argv = shlex.split(cron["entrypoint"])
+    ctx = cli.commands["schedule"].commands["run-due"].make_context("run-due", argv[3:])
+    cluster_env = ctx.params["cluster_env"]
+    assert "HF_TOKEN" in cluster_env and "HF_TOKEN" not in env
+    target = _load("raycluster.yaml")["spec"]["headGroupSpec"]["template"]["spec"]
+    assert set(cluster_env) <= set(_pod_env(target["containers"][0]))  # the cluster sets them
+    path = _in_repo(ctx.params["schedule"].as_posix())
+    jobs = due_jobs(load_schedule(path), path.parent, datetime(2026, 3, 1, 3, tzinfo=UTC),
+                    env=env)
+    for job in jobs:
+        plan = plan_submission(job.config, slot=job.slot, overrides=job.overrides,
+                               run_args=job.run_args, working_dir=ROOT, env=env, pip=False,
+                               cluster_env=cluster_env)
+        assert plan.storage_uri == f"/mnt/deltamoe/runs/{job.run_name}"
+        assert plan.tracking_uri == "http://mlflow:5000"
+        assert "HF_TOKEN" not in plan.runtime_env["env_vars"]
+
+
+def test_the_rayjob_takes_secrets_from_the_cluster_and_places_its_driver() -> None:
+    from components.config import DriverResources
+
+    spec = _load("rayjob.yaml")["spec"]
+    assert spec["entrypointNumCpus"] == DriverResources().num_cpus
+    assert "HF_TOKEN" not in spec["runtimeEnvYAML"]  # never in the job table
+    for group in [spec["rayClusterSpec"]["headGroupSpec"],
+                  *spec["rayClusterSpec"]["workerGroupSpecs"]]:
+        container, = group["template"]["spec"]["containers"]
+        refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]
+                if "valueFrom" in e}
+        assert {"HF_TOKEN", "MLFLOW_TRACKING_URI"} <= set(refs)
