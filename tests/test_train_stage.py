@@ -100,7 +100,7 @@ def test_world_pair_and_cpt_variants_inline(tmp_path: Path) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(out)
     assert type(model).__name__ == "MixtralForCausalLM"
-    with pytest.raises(ValueError, match="unknown training variant"):
+    with pytest.raises(ValueError, match="unknown variant 'nope'"):
         ensure_trained(cfg, run_dir, "nope")
 
 

@@ -130,7 +130,8 @@ def _warm_up(cfg: Any, root: Path) -> None:
 
 @pytest.fixture(scope="module")
 def walks(cluster: Any, inputs: dict[str, Path]) -> dict[str, Any]:
-    """First walk: ``cpt_dense`` fails (its checkpoint folder is a file); second: fixed."""
+    """First walk: ``cpt_dense`` fails (its checkpoint folder is a file); second: fixed. The
+    driver's memory is sampled through both."""
     # what the driver imports anyway before any stage runs, so that the sample shows the
     # workflow's memory, not the import of plotting and tracking libraries
     import matplotlib.pyplot  # noqa: F401
@@ -145,10 +146,11 @@ def walks(cluster: Any, inputs: dict[str, Path]) -> dict[str, Any]:
     _warm_up(cfg, inputs["root"])
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "cpt_dense").write_text("in the way")
-    with _RssSampler() as rss, pytest.raises(WorkflowError) as failed:
-        run_workflow(cfg)
-    (run / "checkpoints" / "cpt_dense").unlink()
-    rerun = run_workflow(cfg)
+    with _RssSampler() as rss:  # both walks: the second builds the tables and the report
+        with pytest.raises(WorkflowError) as failed:
+            run_workflow(cfg)
+        (run / "checkpoints" / "cpt_dense").unlink()
+        rerun = run_workflow(cfg)
     return {"cfg": cfg, "run": run, "failed": failed.value, "rss": rss, "rerun": rerun}
 
 
@@ -223,3 +225,16 @@ def test_max_parallel_one_runs_one_stage_at_a_time(walks: dict[str, Any],
                    if name in ("eval_cpt_moe", "eval_deltamoe"))
     assert len(spans) == 2 and spans[0][1] <= spans[1][0]
     assert yaml.safe_dump(result.stages)  # every stage's state is reported
+
+
+def test_a_relative_root_is_refused_inside_a_ray_jobs_working_dir_copy(
+        inputs: dict[str, Path]) -> None:
+    from workflows.expand import refuse_ephemeral_root
+
+    copy = "/tmp/ray/session_1/runtime_resources/working_dir_files/_ray_pkg_0a1b2c"
+    relative = _config(inputs).model_copy(update={"storage": _config(inputs).storage.model_copy(
+        update={"root": "runs"})})
+    with pytest.raises(ValueError, match="temporary copy of its working dir"):
+        refuse_ephemeral_root(relative, cwd=copy)
+    refuse_ephemeral_root(relative, cwd="/home/me/project")  # a checkout keeps its runs/
+    refuse_ephemeral_root(_config(inputs), cwd=copy)  # an absolute root survives the copy

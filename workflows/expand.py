@@ -11,7 +11,9 @@ parent run per expansion with a child run per stage.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from components.config import RunConfig
@@ -67,6 +69,39 @@ class WorkflowError(RuntimeError):
             f"  {name}: {type(err).__name__}: {err}" for name, err in errors.items()))
 
 
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """The stages' errors that mean bad input (a config, a model, a path), not a bug or the
+    machine: the CLI shows them as one line and exits 2."""
+    from components.data.errors import DataError
+    from components.delta.graft import GraftError
+    from components.evaluate.suites import SuiteError
+    from components.moe.families import UnknownTensorError, UnsupportedArchitectureError
+    from components.moe.upcycle import UpcycleError
+    from components.train.spec import TrainError
+
+    return (UpcycleError, UnsupportedArchitectureError, UnknownTensorError, GraftError,
+            TrainError, DataError, SuiteError, FileNotFoundError)
+
+
+def refuse_ephemeral_root(cfg: RunConfig, cwd: str | None = None) -> None:
+    """Inside a Ray job's working-directory copy a relative ``storage.root`` would put the run
+    (and its MLflow store) in a folder Ray deletes and renames with the code: refuse it there,
+    whoever submitted the job (``deltamoe submit`` checks before sending; stock ``ray job
+    submit`` and a variable left to the cluster do not)."""
+    import fsspec
+
+    here = cwd or os.getcwd()
+    protocol = fsspec.core.split_protocol(cfg.storage.root)[0]
+    if "/runtime_resources/working_dir_files/" not in here or protocol not in (None, "file"):
+        return
+    if not Path(cfg.storage.root.removeprefix("file://")).expanduser().is_absolute():
+        raise ValueError(f"storage.root {cfg.storage.root!r} is relative and this job runs in "
+                         f"Ray's temporary copy of its working dir ({here}): the results would "
+                         "be deleted with it; set storage.root (or DELTAMOE_RUNS) to a path every "
+                         "node shares or an object-store URI, and MLFLOW_TRACKING_URI to a "
+                         "tracking server")
+
+
 def select_stages(cfg: RunConfig, from_stage: str | None = None,
                   only: tuple[str, ...] = ()) -> list[Node]:
     """The nodes to run: those that apply to this config, from ``from_stage`` on, or ``only``
@@ -78,14 +113,16 @@ def select_stages(cfg: RunConfig, from_stage: str | None = None,
 
 def init_ray(cfg: RunConfig) -> bool:
     """Connect to the configured cluster (or start a local instance) once for every stage;
-    True when this call connected (the caller then owns the connection)."""
+    True when this call connected (the caller then owns the connection). Without an address a
+    job's driver joins its cluster (Ray sets ``RAY_ADDRESS`` for it); anywhere else a new local
+    instance starts, never a cluster someone else left running on the machine."""
     import ray
 
     if ray.is_initialized():
         return False
-    address = cfg.resources.ray_address
+    address = cfg.resources.ray_address or os.environ.get("RAY_ADDRESS")
     if address is None:
-        ray.init(include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
     else:
         ray.init(address=address, log_to_driver=False)
     return True
@@ -128,9 +165,12 @@ def _result(cfg: RunConfig, run_dir: RunDir, tracker: ExpansionTracker, nodes: l
     if outcomes.get("report") is not None and outcomes["report"].state == "built":
         result.report = f"{run_dir.uri}/report/index.html"
     if any(n.name == "evaluate" for n in nodes):
-        from workflows.evaluate_stage import comparison_table, read_evaluated
+        from workflows.evaluate_stage import EVAL_STAGE, comparison_table, read_evaluated
 
-        result.evaluated = read_evaluated(run_dir, assembled_variants(nodes))
+        assembled = run_dir.stage(EVAL_STAGE).read_manifest()
+        shown = assembled.extra.get("variants", []) if assembled is not None and \
+            outcomes["evaluate"].ok else assembled_variants(nodes)
+        result.evaluated = read_evaluated(run_dir, shown)
         if result.evaluated:
             result.table = comparison_table(cfg, result.evaluated)
     errors = failures(outcomes)
@@ -142,19 +182,20 @@ def _result(cfg: RunConfig, run_dir: RunDir, tracker: ExpansionTracker, nodes: l
 
 
 def run_workflow(cfg: RunConfig, *, from_stage: str | None = None, only: tuple[str, ...] = (),
-                 user_errors: tuple[type[BaseException], ...] = ()) -> WorkflowResult:
+                 user_errors: tuple[type[BaseException], ...] | None = None) -> WorkflowResult:
     """Run (or resume) the expansion as a DAG; raises :class:`WorkflowError` (after every
     independent branch has finished) when any stage failed."""
+    refuse_ephemeral_root(cfg)
     nodes = plan(cfg)
     chosen = select(nodes, from_stage, only)
     run_dir = RunDir(cfg.storage.root, cfg.run_name, cfg.storage.storage_options)
     tracker = _tracker(cfg, run_dir)
     outcomes = _walk(cfg, run_dir, tracker, nodes, chosen)
-    return _result(cfg, run_dir, tracker, nodes, outcomes, user_errors)
+    return _result(cfg, run_dir, tracker, nodes, outcomes, user_errors or user_error_types())
 
 
-def run_evaluation(cfg: RunConfig, *, user_errors: tuple[type[BaseException], ...] = ()
-                   ) -> WorkflowResult:
+def run_evaluation(cfg: RunConfig, *,
+                   user_errors: tuple[type[BaseException], ...] | None = None) -> WorkflowResult:
     """Evaluate every variant the run has built (``deltamoe evaluate``): one task per variant
     where the evaluation resources are, then the tables."""
     from workflows.evaluate_stage import discover_variants
@@ -168,7 +209,7 @@ def run_evaluation(cfg: RunConfig, *, user_errors: tuple[type[BaseException], ..
     nodes = evaluation_nodes(found)
     tracker = _tracker(cfg, run_dir)
     outcomes = _walk(cfg, run_dir, tracker, nodes, {n.name for n in nodes})
-    return _result(cfg, run_dir, tracker, nodes, outcomes, user_errors)
+    return _result(cfg, run_dir, tracker, nodes, outcomes, user_errors or user_error_types())
 
 
 def assembled_variants(nodes: list[Node]) -> list[str]:

@@ -6,8 +6,8 @@ how many tasks run at once (``resources.max_parallel`` caps it); a node runs its
 inside the task, so models, tensors and token streams stay on the node that works on them. A
 failing node blocks only its dependants: independent branches finish, and the outcome of every
 node is returned for the summary (a rerun builds only what is missing, since every stage skips
-itself when its manifest matches). Nodes of kind ``driver`` (assembling tables, the report) read
-small results and run in the driver.
+itself when its manifest matches). Even the tables and the report are tasks: the driver's memory
+stays what it is whatever the run builds.
 """
 
 from __future__ import annotations
@@ -156,9 +156,6 @@ def run_nodes(nodes: list[Node], cfg: RunConfig, run_dir: RunDir, tracker: Expan
             waiting.remove(node)
             progressed = True
             run_id = tracker.stage_run_id(node.name)
-            if node.kind == "driver":
-                record(node, _in_driver(node, cfg, run_dir, tracker, run_id))
-                continue
             options = task_options(node.kind, cfg)
             threads = max(1, int(options.get("num_cpus") or 1))
             ref = remote.options(name=node.name, **options).remote(
@@ -187,21 +184,6 @@ def run_nodes(nodes: list[Node], cfg: RunConfig, run_dir: RunDir, tracker: Expan
                                  placement=info["placement"], started_at=info["started_at"],
                                  finished_at=info["finished_at"]))
     return {n.name: outcomes[n.name] for n in nodes}
-
-
-def _in_driver(node: Node, cfg: RunConfig, run_dir: RunDir, tracker: ExpansionTracker,
-               run_id: str) -> Outcome:
-    started = time.time()
-    try:
-        _, built = node.work(cfg, run_dir, RankZeroLogger(tracker.tracking_uri, run_id, rank=0))
-    except Exception as err:
-        _finish(tracker, run_id, ok=False)
-        return Outcome("failed", seconds=time.time() - started, detail=_first_line(err),
-                       error=err)
-    _finish(tracker, run_id, ok=True)
-    finished = time.time()
-    return Outcome("built" if built else "skipped", seconds=finished - started,
-                   placement=placement(), started_at=started, finished_at=finished)
 
 
 def _first_line(err: BaseException) -> str:

@@ -8,7 +8,8 @@ original languages (``base_data`` → ``base``), its post-trained sibling (``pos
 :data:`components.variants.VARIANTS` the run builds — the method's own (``cpt_moe`` →
 ``deltamoe``) and every baseline — each depending only on what it reads, so branches run at
 once. Each variant that exists is evaluated by its own node (``eval_<variant>``), started as soon
-as the variant is; ``evaluate`` assembles the tables and plots and ``report`` writes the report.
+as the variant is; ``evaluate`` assembles the tables and plots and ``report`` writes the report
+(tasks too: plotting and rendering would otherwise grow the driver).
 
 Node functions take ``(cfg, run_dir, logger)`` and return ``(manifest, built)`` (the report,
 rebuilt from MLflow every time, has no manifest); they are
@@ -30,7 +31,7 @@ from components.variants import VARIANTS, Variant, graft_target
 
 __all__ = ["GROUPS", "Node", "evaluation_nodes", "plan", "select", "variant_config"]
 
-Kind = Literal["world", "data", "upcycle", "train", "graft", "evaluate", "driver"]
+Kind = Literal["world", "data", "upcycle", "train", "graft", "evaluate", "report"]
 Work = Callable[[RunConfig, RunDir, RankZeroLogger], tuple[Manifest | None, bool]]
 
 GROUPS = ("world", "base_data", "base", "post", "data", "upcycle", "cpt_moe", "graft",
@@ -232,10 +233,10 @@ def plan(cfg: RunConfig, *, extra_variants: Iterable[str] = ()) -> list[Node]:
                           partial(_evaluate_one, variant=variant, model_dir=None),
                           f"{variant} on the evaluation suites"))
     eval_nodes = tuple(f"eval_{v}" for v in evaluated)
-    nodes.append(Node("evaluate", "driver", "evaluate", eval_nodes,
+    nodes.append(Node("evaluate", "report", "evaluate", eval_nodes,
                       partial(_assemble, variants=tuple(evaluated)),
                       "tables, plots and routing analysis of every evaluated variant"))
-    nodes.append(Node("report", "driver", "report", ("evaluate",), _report,
+    nodes.append(Node("report", "report", "report", ("evaluate",), _report,
                       "the HTML report from MLflow"))
     return nodes
 
@@ -246,7 +247,7 @@ def evaluation_nodes(variants: dict[str, Path]) -> list[Node]:
     nodes = [Node(f"eval_{name}", "evaluate", "evaluate", (),
                   partial(_evaluate_one, variant=name, model_dir=str(path)),
                   f"{name} on the evaluation suites") for name, path in variants.items()]
-    nodes.append(Node("evaluate", "driver", "evaluate", tuple(n.name for n in nodes),
+    nodes.append(Node("evaluate", "report", "evaluate", tuple(n.name for n in nodes),
                       partial(_assemble, variants=tuple(variants)),
                       "tables, plots and routing analysis of every evaluated variant"))
     return nodes

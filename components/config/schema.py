@@ -285,7 +285,8 @@ class StageResources(_Section):
 
 class StagesResources(_Section):
     """Resources per kind of stage. Training's also go to every Ray Train worker; evaluation
-    takes one GPU per variant when ``resources.use_gpu`` is on."""
+    takes one GPU per variant when ``resources.use_gpu`` is on; ``report`` is the tables, plots
+    and HTML report, built from small results."""
 
     world: StageResources = StageResources()
     data: StageResources = StageResources()
@@ -293,6 +294,7 @@ class StagesResources(_Section):
     train: StageResources = StageResources()
     graft: StageResources = StageResources()
     evaluate: StageResources = StageResources()
+    report: StageResources = StageResources()
 
 
 class DriverResources(_Section):

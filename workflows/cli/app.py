@@ -109,7 +109,7 @@ def run_stage(config: Path, overrides: tuple[str, ...] | dict[str, Any], node: s
     parsed = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
     cfg = load_config(config, overrides=parsed)
     with workflow_errors():
-        result = run_workflow(cfg, only=(node,), user_errors=user_errors())
+        result = run_workflow(cfg, only=(node,))
     run_dir = RunDir(cfg.storage.root, cfg.run_name, cfg.storage.storage_options)
     manifest = run_dir.stage(folder).read_manifest()
     assert manifest is not None  # the node succeeded, so its stage committed
@@ -118,14 +118,9 @@ def run_stage(config: Path, overrides: tuple[str, ...] | dict[str, Any], node: s
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors of the stages that mean bad input rather than a bug: one message, exit 2."""
-    from components.data.errors import DataError
-    from components.delta.graft import GraftError
-    from components.moe.families import UnknownTensorError, UnsupportedArchitectureError
-    from components.moe.upcycle import UpcycleError
-    from components.train.spec import TrainError
+    from workflows.expand import user_error_types
 
-    return (UpcycleError, UnsupportedArchitectureError, UnknownTensorError, GraftError,
-            TrainError, DataError, FileNotFoundError)
+    return user_error_types()
 
 
 @contextmanager

@@ -16,7 +16,6 @@ from workflows.cli.app import (
     int_list,
     parse_overrides,
     run_stage,
-    user_errors,
     workflow_errors,
 )
 
@@ -56,7 +55,8 @@ def demo(ctx: click.Context, config_file: Path) -> None:
         return
     from workflows.demo import run_demo
 
-    result = run_demo(config_file)
+    with workflow_errors():
+        result = run_demo(config_file)
     click.echo(result.summary())
 
 
@@ -108,17 +108,18 @@ def run_command(config: Path, from_stage: str | None, only: tuple[str, ...],
     with a child per stage. A failed stage blocks only what needs it: the others finish, the
     summary shows every stage's state, and the exit status is 2 (bad input) or 1.
     """
-    from workflows.expand import run_workflow, select_stages
+    from workflows.expand import refuse_ephemeral_root, run_workflow, select_stages
 
     if from_stage and only:
         raise UserError("give --from or --only, not both")
     cfg = load_config(config, overrides=parse_overrides(overrides))
     try:
+        refuse_ephemeral_root(cfg)
         select_stages(cfg, from_stage, only)
     except ValueError as err:
         raise UserError(str(err)) from None
     with workflow_errors():
-        result = run_workflow(cfg, from_stage=from_stage, only=only, user_errors=user_errors())
+        result = run_workflow(cfg, from_stage=from_stage, only=only)
     click.echo(result.summary())
 
 
@@ -141,7 +142,6 @@ def evaluate(config: Path, data_dir: str | None, variants: tuple[str, ...], limi
     variant=NAME, tables and plots in the evaluate run); prints the comparison of original- and
     expanded-language averages. Unchanged variants are read back, not re-evaluated.
     """
-    from components.evaluate.suites import SuiteError
     from workflows.expand import run_evaluation
 
     extra: dict[str, object] = {}
@@ -153,7 +153,7 @@ def evaluate(config: Path, data_dir: str | None, variants: tuple[str, ...], limi
         extra["evaluation.limit"] = limit
     cfg = load_config(config, overrides={**parse_overrides(overrides), **extra})
     with workflow_errors():
-        result = run_evaluation(cfg, user_errors=(*user_errors(), SuiteError))
+        result = run_evaluation(cfg)
     click.echo(result.table or "no results")
     click.echo(f"results: {result.run_dir}/eval")
 
@@ -237,9 +237,7 @@ def reproduce(config: Path | None, seeds: str, out_file: Path | None,
     command = shlex.join(["deltamoe", "reproduce", str(shown), "--seeds", seeds,
                           *(a for o in overrides for a in ("--set", o)),
                           *(["--out", str(out_file)] if out_file else [])])
-    try:
+    with workflow_errors():
         result = run_reproduce(cfg, seed_list, command=command, out=out_file)
-    except user_errors() as err:
-        raise UserError(str(err)) from None
     click.echo(result.table)
     click.echo(f"results: {result.run_dir}/reproduce" + (f" and {out_file}" if out_file else ""))
