@@ -169,9 +169,8 @@ def built_variants(cfg: RunConfig) -> list[str]:
     return [name for name in VARIANTS if name in wanted]
 
 
-def plan(cfg: RunConfig, *, extra_variants: Iterable[str] = ()) -> list[Node]:
-    """Every node of the run, in a topological order (the order the summary lists them).
-    ``extra_variants`` are evaluated too (e.g. models an earlier config left in ``models/``)."""
+def plan(cfg: RunConfig) -> list[Node]:
+    """Every node of the run, in a topological order (the order the summary lists them)."""
     nodes: list[Node] = []
     base_node: tuple[str, ...] = ()
     post_node: tuple[str, ...] = ()
@@ -223,7 +222,7 @@ def plan(cfg: RunConfig, *, extra_variants: Iterable[str] = ()) -> list[Node]:
             nodes.append(Node(variant, "graft", group, (target, *base_node, *post_node),
                               partial(_graft, variant=variant),
                               f"{v.graft} graft onto {target}", model=variant))
-    evaluated = evaluated_variants(cfg, ["base", "post", *variants, *extra_variants])
+    evaluated = evaluated_variants(cfg, ["base", "post", *variants])
     produced = {n.model: n.name for n in nodes if n.model}
     for variant in evaluated:
         # every evaluation reads the routing analysis' held-out text, which the data stage
