@@ -25,8 +25,7 @@ anyway: matplotlib.pyplot, mlflow, pandas, dashboards.report, workflows.evaluate
 Also printed, to tell the scheduler from the machine: the CPU seconds of this invocation's Ray
 processes (raylet, GCS, workers) and the cores every other process kept busy on average during
 each walk, and what the DAG's wall would be if the CPUs were the run's alone: a list schedule
-of the serial run's stage seconds on ``--cpus`` slots in plan order, in-driver nodes holding
-the walk.
+of the serial run's stage seconds on ``--cpus`` slots in plan order.
 
 Defaults: hidden 384, intermediate 1536, 4 layers (base and post 9.3M parameters each; the
 4-expert top-2 MoE and the grafts ~30M fp32 parameters, largest_model_mb=122.2, ``deltamoe``),
@@ -48,11 +47,13 @@ back here is the machine: the Ray workers run at nice 15 (Ray's ``worker_nicenes
 ``--worker-niceness`` flag sets ``RAY_worker_niceness``), other agents' nice-0 processes keep
 ~1 of the 2 cores busy, and the two overlapped tasks share what is left, so each stage takes
 1.3-1.7x its serial seconds while the Ray processes' CPU seconds stay the same in both modes
-(~27-30). ``evaluate`` and ``report`` run in the driver after every evaluation (~3 s, serial
-in both modes). The driver loads no model: its resident memory grows ≤ 8 MB up to the
-assembly (≤ 1 MB after the first DAG run); the rest of its ~20-30 MB growth comes in the
-in-driver ``evaluate``/``report`` nodes, and is the same with a 14 MB model as with the 122 MB
-one (the first walk of the invocation, serial, also pays one-time costs there: +61 MB).
+(~27-30). Those figures were taken while ``evaluate`` and ``report`` still ran in the driver
+(~3 s, serial in both modes) and grew it by ~20-30 MB (plots, HTML); they are Ray tasks now.
+Measured after that change, on a quiet machine (others 0.20-0.38 cores, 2 repeats): serial
+37.2 s, DAG 22.8 s, ratio=0.614 (list schedule 0.528), driver_rss_growth_mb=10.4 against
+largest_model_mb=122.2 — the growth is the first walk's new MLflow SQLite store and Ray's
+submission path (each timed walk gets a fresh run folder, so a fresh store), the same ~10 MB
+in the serial mode; with the store warmed, as in tests/test_workflow_dag.py, it is ~3 MB.
 
 Run alone: ``.venv/bin/python benchmarks/workflow_dag.py [--repeats 2] [--steps 12]
 [--hidden 384] [--intermediate 1536] [--layers 4] [--limit 4] [--cpus 2] [--worker-niceness N]
@@ -106,7 +107,7 @@ class RssSampler:
         return (self.peak - self.start) / 1e6
 
     def growth_before_mb(self, until: float) -> float:
-        """Growth up to ``until`` (a time.time()): the part before the in-driver nodes."""
+        """Growth up to ``until`` (a time.time()): the part before the evaluate/report tasks."""
         return (max([r for t, r in self.samples if t < until], default=self.start)
                 - self.start) / 1e6
 
@@ -177,7 +178,7 @@ def _warm_worker(seconds: float) -> tuple[int, int]:
 class Timed:
     """One timed walk: its wall, each stage's seconds inside its task, the CPU seconds of the
     Ray processes, the cores the rest of the machine kept busy on average, the driver's
-    memory growth (whole walk, and before the in-driver evaluate/report)."""
+    memory growth (whole walk, and before the evaluate/report tasks)."""
 
     mode: str
     rep: int
@@ -246,7 +247,7 @@ def ray_cpu_seconds() -> dict[int, float]:
 def list_schedule(nodes: list[Any], seconds: dict[str, float], cpus: int) -> float:
     """Wall of the DAG if its tasks took ``seconds`` each and had ``cpus`` CPUs to themselves
     (one CPU per task, started in plan order as soon as their needs are done, as the
-    orchestrator and Ray do); in-driver nodes hold the walk while they run."""
+    orchestrator and Ray do)."""
     done: dict[str, float] = {n.name: 0.0 for n in nodes if n.name not in seconds}
     waiting = [n for n in nodes if n.name in seconds]
     running: dict[str, float] = {}
@@ -255,11 +256,7 @@ def list_schedule(nodes: list[Any], seconds: dict[str, float], cpus: int) -> flo
         for node in list(waiting):
             if not all(d in done and done[d] <= now for d in node.needs):
                 continue
-            if node.kind == "driver":
-                waiting.remove(node)
-                now += seconds[node.name]
-                done[node.name] = now
-            elif len(running) < cpus:
+            if len(running) < cpus:
                 waiting.remove(node)
                 running[node.name] = now + seconds[node.name]
         if running:
@@ -345,7 +342,7 @@ def main() -> None:
                 print(f"  {mode}: {t.wall:.1f} s wall, stages sum {sum(t.stages.values()):.1f} "
                       f"s, Ray processes {t.ray_cpu:.1f} CPU-s, other processes "
                       f"{t.others_cores:.2f} cores, driver RSS +{t.rss_mb:.1f} MB "
-                      f"(+{t.rss_tasks_mb:.1f} MB before the in-driver evaluate/report)",
+                      f"(+{t.rss_tasks_mb:.1f} MB before evaluate/report)",
                       flush=True)
         model, size = largest_model_bytes(root / "runs" / f"dag-{args.repeats - 1}")
         from workflows.plan import plan
