@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from components.config import _ENV_PATTERN, SECRET_KEY, SECRET_MASK, ConfigError
+from components.config import ENV_PATTERN, SECRET_KEY, SECRET_MASK, ConfigError
 
 __all__ = ["PROJECT_ROOT", "RUNTIME_ENV_FILE", "JobEnv", "SubmitError", "excluded", "job_env",
            "masked", "placeholder_in", "strip_userinfo"]
@@ -88,7 +88,7 @@ def _variables(node: Any, path: str, found: dict[str, list[str]]) -> None:
         for i, value in enumerate(node):
             _variables(value, f"{path}.{i}", found)
     elif isinstance(node, str):
-        for match in _ENV_PATTERN.finditer(node):
+        for match in ENV_PATTERN.finditer(node):
             if match.group(1):
                 found.setdefault(match.group(1), []).append(path)
 

@@ -36,7 +36,7 @@ class ConfigError(ValueError):
 
 # --------------------------------------------------------------------------- loading
 
-_ENV_PATTERN = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+ENV_PATTERN = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 
 
 def _interpolate(node: Any, path: str, env: Mapping[str, str],
@@ -61,7 +61,7 @@ def _interpolate(node: Any, path: str, env: Mapping[str, str],
                              f"(write ${{{var}:-default}} to give a default)"))
         return ""
 
-    return _ENV_PATTERN.sub(replace, node)
+    return ENV_PATTERN.sub(replace, node)
 
 
 def _join(path: str, key: Any) -> str:
