@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from components.config import RunConfig, StageResources
-from components.storage import Manifest, RunDir, placement
+from components.storage import RunDir, placement
 from components.tracking import ExpansionTracker, RankZeroLogger
 from workflows.plan import Node
 
@@ -99,14 +99,9 @@ def _execute(node: Node, cfg: RunConfig, run_dir: RunDir, tracking_uri: str, run
     torch.set_num_threads(threads)
     logger = RankZeroLogger(tracking_uri, run_id, rank=0)
     started = time.time()
-    manifest, built = node.work(cfg, run_dir, logger)
+    _, built = node.work(cfg, run_dir, logger)
     return {"built": built, "started_at": started, "finished_at": time.time(),
-            "placement": placement(), "manifest": _manifest_summary(manifest)}
-
-
-def _manifest_summary(manifest: Manifest | None) -> dict[str, Any]:
-    return {} if manifest is None else {"placement": manifest.placement,
-                                        "timings": manifest.timings}
+            "placement": placement()}
 
 
 def _cause(err: BaseException) -> BaseException:
