@@ -92,7 +92,7 @@ def placement() -> dict[str, Any]:
         where["node_id"] = context.get_node_id()
         try:
             where["resources"] = context.get_assigned_resources()
-        except Exception:  # the driver has no assigned resources in some Ray versions
+        except AssertionError:  # Ray 2.60 asserts in a driver: only tasks and actors have any
             where["resources"] = {}
     return where
 

@@ -171,23 +171,25 @@ def ensure_variant_evaluated(cfg: RunConfig, run_dir: RunDir, name: str,
                              model_dir: Path | None = None) -> tuple[Manifest, bool]:
     """Evaluate variant ``name`` in this process into ``eval_parts/<name>`` (skipped when its
     model and the settings are unchanged); metrics go to ``logger``'s run when built."""
-    from components.evaluate.routing import routing_load
-    from components.evaluate.runner import evaluate_loaded, load_for_eval
-    from components.evaluate.suites import build_suite_tasks
-
     model_dir = model_dir or variant_model_dir(cfg, run_dir, name)
     options = _options(cfg, run_dir)
     texts = _routing_texts(cfg, run_dir, _base_or_none(cfg, run_dir))
     stage = run_dir.stage(f"{PARTS}/{name}")
     fp, settings = _part_fingerprint(model_dir, cfg, options, texts)
-    # every suite's data is checked before the model is loaded
-    build_suite_tasks(options.suites, cfg.languages.all, world_eval_dir=options.world_eval_dir,
-                      data_dir=options.data_dir, original=list(options.original))
     rows: list[ResultRow] = []
     load: dict[int, dict[str, list[float]]] | None = None
 
     def build(work: StageBuild) -> None:
+        # lm-eval and torch load only for a part that is built, not for one that is skipped
+        from components.evaluate.routing import routing_load
+        from components.evaluate.runner import evaluate_loaded, load_for_eval
+        from components.evaluate.suites import build_suite_tasks
+
         nonlocal rows, load
+        # every suite's data is checked before the model is loaded
+        build_suite_tasks(options.suites, cfg.languages.all,
+                          world_eval_dir=options.world_eval_dir, data_dir=options.data_dir,
+                          original=list(options.original))
         log.info("evaluating %s (%s)", name, model_dir)
         model, tokenizer = load_for_eval(model_dir, options.device)
         rows = evaluate_loaded(model, tokenizer, cfg.languages.all, options)
@@ -286,19 +288,24 @@ def ensure_assembled(cfg: RunConfig, run_dir: RunDir, variants: Sequence[str],
                      logger: RankZeroLogger | None = None) -> tuple[Manifest, bool]:
     """The ``eval`` stage from the parts of ``variants`` and of every other variant already
     evaluated with these settings (``--variant post`` must not drop the others)."""
-    parts = Path(run_dir.stage(PARTS).path)
-    others = sorted(p.name for p in parts.iterdir() if p.is_dir() and ".tmp-" not in p.name) \
-        if parts.is_dir() else []
     from workflows.plan import evaluated_variants
 
-    order = evaluated_variants(cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(
-        update={"variants": None})}), [*variants, *others])
-    evaluated = read_evaluated(run_dir, order)
-    missing = [v for v in variants if v not in evaluated]
+    missing = [v for v in variants if run_dir.stage(f"{PARTS}/{v}").read_manifest() is None]
     if missing:
         raise FileNotFoundError(f"{run_dir.uri}/{PARTS}: not evaluated yet: {', '.join(missing)}")
-    fps = {name: run_dir.stage(f"{PARTS}/{name}").read_manifest().fingerprint  # type: ignore[union-attr]
-           for name in evaluated}
+    options = _options(cfg, run_dir)
+    texts = _routing_texts(cfg, run_dir, _base_or_none(cfg, run_dir))
+    unfiltered = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(
+        update={"variants": None})})
+    others = []
+    for name, model_dir in discover_variants(unfiltered, run_dir).items():
+        fp, _ = _part_fingerprint(model_dir, cfg, options, texts)
+        if name not in variants and run_dir.stage(f"{PARTS}/{name}").is_complete(fp):
+            others.append(name)  # its model and these settings: still its scores
+    order = evaluated_variants(unfiltered, [*variants, *others])
+    evaluated = read_evaluated(run_dir, order)
+    manifests = {name: run_dir.stage(f"{PARTS}/{name}").read_manifest() for name in evaluated}
+    fps = {name: m.fingerprint for name, m in manifests.items() if m is not None}
     loads = {name: load for name in evaluated
              if (load := _read_load(Path(run_dir.stage(f"{PARTS}/{name}").path))) is not None}
     stage = run_dir.stage(EVAL_STAGE)

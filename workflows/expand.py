@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from components.config import RunConfig
+from components.config import ConfigError, RunConfig
 from components.storage import RunDir, fingerprint
 from components.tracking import ExpansionTracker, resolve_tracking_uri
 from workflows.orchestrate import Outcome, failures, run_nodes
@@ -95,11 +95,11 @@ def refuse_ephemeral_root(cfg: RunConfig, cwd: str | None = None) -> None:
     if "/runtime_resources/working_dir_files/" not in here or protocol not in (None, "file"):
         return
     if not Path(cfg.storage.root.removeprefix("file://")).expanduser().is_absolute():
-        raise ValueError(f"storage.root {cfg.storage.root!r} is relative and this job runs in "
-                         f"Ray's temporary copy of its working dir ({here}): the results would "
-                         "be deleted with it; set storage.root (or DELTAMOE_RUNS) to a path every "
-                         "node shares or an object-store URI, and MLFLOW_TRACKING_URI to a "
-                         "tracking server")
+        raise ConfigError([("storage.root", (
+            f"{cfg.storage.root!r} is relative and this job runs in Ray's temporary copy of its "
+            f"working dir ({here}): the results would be deleted with it; set storage.root (or "
+            "DELTAMOE_RUNS) to a path every node shares or an object-store URI, and "
+            "MLFLOW_TRACKING_URI to a tracking server"))])
 
 
 def select_stages(cfg: RunConfig, from_stage: str | None = None,

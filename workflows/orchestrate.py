@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -94,9 +95,11 @@ def _execute(node: Node, cfg: RunConfig, run_dir: RunDir, tracking_uri: str, run
     branches on one machine must not each take every core), then build the stage."""
     if os.path.isdir(cwd):
         os.chdir(cwd)  # relative paths of the config mean what they meant to the driver
-    import torch
-
-    torch.set_num_threads(threads)
+    torch = sys.modules.get("torch")
+    if torch is not None:  # a reused worker: torch read its thread count already
+        torch.set_num_threads(threads)
+    else:  # read when a stage first imports torch; a stage without torch pays nothing
+        os.environ["OMP_NUM_THREADS"] = str(threads)
     logger = RankZeroLogger(tracking_uri, run_id, rank=0)
     started = time.time()
     _, built = node.work(cfg, run_dir, logger)
