@@ -4,20 +4,21 @@ Same text, same cores, same process, side by side: the synthetic world's FineWeb
 (``--docs`` documents per language, four languages; the default 100000 is ~91 MiB of text, enough
 that Ray's fixed startup cost does not dominate). "raw" reads the text column with pyarrow and
 encodes it with the base model's fast tokenizer (``encode_batch_fast``, Rust threads) — the floor
-of any tokenizing pipeline. "stage" is ``prepare_data``: Ray Data read with projection → language
-ID → filters → dedup hashes → tokenize → ordered dedup → mix → pack → parquet write, on a Ray
-instance started beforehand (its startup is not timed; the stage's own planning is). LID
-throughput per backend (documents/s, one process, the operator's batch path) is printed before
-the headline. Last line: ``ratio=<stage tokens/s ÷ raw tokens/s>`` (goal ≥ 0.7).
+of any tokenizing pipeline. "stage" is ``prepare_data``: unit workers (read with projection →
+language ID → filters → dedup hashes → tokenize, written to the work folder) → exact-dedup
+shuffle → per-language pack tasks writing parquet, on a Ray instance started beforehand (its
+startup is not timed; the stage's own planning is). LID throughput per backend (documents/s,
+one process, the operator's batch path) is printed before the headline. Last line:
+``ratio=<stage tokens/s ÷ raw tokens/s>`` (goal ≥ 0.7).
 
-Where the time goes (2 cores, 91 MiB): encoding is ~34 CPU-s whether on one thread or two
-(raw keeps both cores busy), so it is a two-core floor; the stage adds the filters' and dedup's
-Arrow passes, language ID, list building and the driver's ordered pass (~9 CPU-s, scaled from
-per-batch timings on 18 MiB, after sharing the whitespace pass and counting with group-bys) and
-a fixed ~5 s per execution (fresh actor processes import
-Ray Data, file listing), measured on a 4,000-document corpus. Two one-thread actors with 8 MiB
-blocks beat one two-thread actor with one 128 MiB block: 0.584 vs 0.476 in one interleaved run
-(the one-thread actors overlap one actor's Python with the other's encoding).
+Where the time went before the stage was distributed (2 cores, 91 MiB; see
+``benchmarks/data_scale.py`` for the distributed stage at two sizes): encoding is ~34 CPU-s
+whether on one thread or two (raw keeps both cores busy), so it is a two-core floor; the stage
+added the filters' and dedup's Arrow passes, language ID, list building and the driver's ordered
+pass (~9 CPU-s) and a fixed ~5 s per execution (fresh actor processes import Ray Data, file
+listing), measured on a 4,000-document corpus. Two one-thread actors with 8 MiB blocks beat one
+two-thread actor with one 128 MiB block: 0.584 vs 0.476 in one interleaved run (the one-thread
+actors overlap one actor's Python with the other's encoding).
 
 Run alone: ``.venv/bin/python benchmarks/data_throughput.py [--docs 100000] [--repeats 2]
 [--world DIR]`` (``--world`` reuses a world built earlier with the same languages).

@@ -33,6 +33,7 @@ __all__ = [
     "culturax_code",
     "culturax_codes",
     "culturax_tag",
+    "fineweb2_tag",
     "from_iso639_1",
     "get_language",
     "known_tags",
@@ -113,7 +114,12 @@ _SCRIPT = {
     "kbd": "Cyrl", "krc": "Cyrl", "kom": "Cyrl", "lez": "Cyrl", "mhr": "Cyrl", "mrj": "Cyrl",
     "myv": "Cyrl", "oss": "Cyrl", "rue": "Cyrl", "sah": "Cyrl", "tat": "Cyrl", "tyv": "Cyrl",
     "xal": "Cyrl", "tuk": "Latn", "fas": "Arab", "urd": "Arab", "pus": "Arab",
+    "cmn": "Hani",  # FineWeb2 and GlotLID write Mandarin cmn_Hani
 }
+
+# Canonical tags whose FineWeb2 folder is another tag: FineWeb2 files Mandarin in both scripts
+# under ``cmn_Hani`` (and no ``zho_*`` folder exists), which ``zh``/``zho`` resolve to.
+_FINEWEB2_TAG = {"zho_Hans": "cmn_Hani", "zho_Hant": "cmn_Hani"}
 
 # Benchmark → the languages (ISO 639-1, as lm-eval names them) and the task-name pattern.
 _BENCHMARKS: dict[str, tuple[str, str]] = {
@@ -359,3 +365,10 @@ def culturax_code(tag: str) -> str:
     if iso1 in _CULTURAX:
         return iso1
     raise UnknownLanguageError(f"{tag} has no CulturaX configuration")
+
+
+def fineweb2_tag(tag: str) -> str:
+    """The FineWeb2 folder (``data/<tag>/train``) holding a canonical tag's language: the tag
+    itself except where FineWeb2 files it under another (``zho_Hans`` → ``cmn_Hani``)."""
+    tag = canonical_tag(tag)
+    return _FINEWEB2_TAG.get(tag, tag)

@@ -17,15 +17,10 @@ from pydantic import ValidationError
 
 from components.config import DataConfig, DataSource, FiltersConfig, MixConfig
 from components.data import DataError
-from components.data.dedup import (
-    MinHasher,
-    NearDuplicateIndex,
-    exact_hashes,
-    lsh_params,
-    normalize,
-)
+from components.data.dedup import MinHasher, exact_hashes, lsh_params, normalize
 from components.data.filters import QualityFilter, duplicate_line_fraction, thresholds_for
 from components.data.lid import LanguageTagger, assign_languages, same_language
+from components.data.lsh import band_hashes, bucket_edges, connected_components, first_occurrences
 from components.data.mix import mix_shares, plan_mix
 from components.data.pack import LanguageQuota, SequencePacker, ShardWriter, with_eos
 from components.data.readers import DOC_SCHEMA, JsonlReader, repair_utf8, resolve_source
@@ -125,11 +120,12 @@ def test_minhash_estimates_jaccard_and_index_finds_near_duplicates() -> None:
     est_j = float(np.mean(sig["base"] == sig["near"]))
     assert abs(est_j - true_j) < 0.1, (est_j, true_j)
     assert float(np.mean(sig["base"] == sig["other"])) < 0.05
-    index = NearDuplicateIndex(128, 0.8)
-    assert index.check_and_add(sig["base"]) is False
-    assert index.check_and_add(sig["other"]) is False
-    assert index.check_and_add(sig["near"]) is True  # dropped, not indexed
-    assert len(index.kept) == 2
+    # banded LSH: the near copy shares a bucket with its original, the other text none
+    bands, rows = lsh_params(0.8, 128)
+    h = band_hashes(np.stack([sig["base"], sig["other"], sig["near"]]), bands, rows)
+    assert (h[0] == h[2]).any() and not (h[0] == h[1]).any()
+    assert np.array_equal(h, band_hashes(np.stack([sig["base"], sig["other"], sig["near"]]),
+                                         bands, rows))  # every worker buckets alike
     column = hasher.signatures(pa.array([" ".join(base), " ".join(other)]))
     assert np.array_equal(np.asarray(column[1].values), sig["other"])
 
@@ -142,7 +138,49 @@ def test_lsh_params_fit_the_permutations() -> None:
     assert hit(0.95) > 0.99 and hit(0.9) > 0.85 and hit(0.5) < 0.01
 
 
+def test_exact_first_occurrence_is_the_smallest_key_per_scope() -> None:
+    # rows in arrival order: key 9 arrives before key 2 with the same hash; scope 1 is apart
+    scope = np.array([0, 0, 0, 1, 0])
+    h1 = np.array([5, 5, 7, 5, 5], dtype=np.uint64)
+    h2 = np.zeros(5, dtype=np.uint64)
+    key = np.array([9, 2, 4, 3, 11])
+    assert first_occurrences(scope, h1, h2, key).tolist() == [False, True, True, True, False]
+
+
+def test_bucket_edges_are_stars_from_the_smallest_key() -> None:
+    # bucket (scope 0, band 0, hash 1): keys 8, 3, 5; a lone bucket; a bucket in another scope
+    scope = np.array([0, 0, 0, 0, 1, 1])
+    band = np.array([0, 0, 0, 1, 0, 0])
+    bhash = np.array([1, 1, 1, 1, 1, 1], dtype=np.uint64)
+    key = np.array([8, 3, 5, 8, 20, 21])
+    u, v = bucket_edges(scope, band, bhash, key)
+    assert sorted(zip(u.tolist(), v.tolist(), strict=True)) == [(3, 5), (3, 8), (20, 21)]
+
+
+def test_connected_components_label_each_node_with_its_smallest_key() -> None:
+    # a chain 40-30-20-10 given out of order, a star around 7, and a separate pair
+    u = np.array([30, 20, 10, 7, 7, 100])
+    v = np.array([40, 30, 20, 50, 60, 101])
+    nodes, labels = connected_components(u, v)
+    assert dict(zip(nodes.tolist(), labels.tolist(), strict=True)) == {
+        7: 7, 10: 10, 20: 10, 30: 10, 40: 10, 50: 7, 60: 7, 100: 100, 101: 100}
+    # a long path in reverse order still converges to one label (pointer jumping)
+    path = np.arange(1000, dtype=np.int64)[::-1]
+    nodes, labels = connected_components(path[1:], path[:-1])
+    assert len(nodes) == 1000 and set(labels.tolist()) == {0}
+    empty = connected_components(np.zeros(0, np.int64), np.zeros(0, np.int64))
+    assert len(empty[0]) == 0
+
+
 # ----------------------------------------------------------------------------- mix
+
+
+def test_mix_mode_all_uses_every_token_and_reports_shares() -> None:
+    mix = MixConfig.model_validate({"mode": "all", "tokens_per_language": {"deu_Latn": 100}})
+    plan = plan_mix({"eng_Latn": 1000, "deu_Latn": 5000, "swh_Latn": 64}, ["eng_Latn",
+                    "deu_Latn", "swh_Latn"], ["eng_Latn", "deu_Latn"], mix, seq_len=32)
+    assert plan.sequences == {"eng_Latn": 31, "deu_Latn": 3, "swh_Latn": 2}
+    assert plan.requested == {"eng_Latn": 1000, "deu_Latn": 100, "swh_Latn": 64}
 
 
 def test_mix_shares_with_ratios_and_replay() -> None:
@@ -263,6 +301,28 @@ def test_unknown_language_tag_in_config_is_named() -> None:
                                                 "languages": ["xx_Fake"]}]})
     with pytest.raises(ValidationError, match="unknown language tag 'qq_Latn'"):
         DataConfig.model_validate({"mix": {"ratios": {"qq_Latn": 1.0}}})
+
+
+def test_data_only_config_needs_no_models_and_iso_codes_map_to_layout_tags() -> None:
+    from components.config import parse_config
+    from components.languages import canonical_tag, fineweb2_tag
+
+    cfg = parse_config({"run_name": "d", "languages": {"original": ["en"], "new": ["zh"]},
+                        "data": {"tokenizer": "/some/tokenizer"}})
+    assert cfg.models is None and cfg.languages.new == ["zho_Hans"]
+    with pytest.raises(ValueError, match="models"):
+        parse_config({"run_name": "d", "languages": {"original": ["en"], "new": ["sw"]}})
+    assert fineweb2_tag("zh") == "cmn_Hani" and canonical_tag("cmn") == "cmn_Hani"
+    assert fineweb2_tag("swh_Latn") == "swh_Latn"
+
+
+def test_max_chars_has_a_default_and_rehydration_copies_by_cluster_size() -> None:
+    from components.data.docops import rehydration_copies
+
+    assert FiltersConfig().max_chars == 100_000
+    sizes = np.array([1, 2, 3, 4, 5, 99, 100, 1000])
+    assert rehydration_copies(sizes, {2: 2, 5: 3, 100: 1}).tolist() == [1, 2, 2, 2, 3, 3, 1, 1]
+    assert rehydration_copies(sizes, {}).tolist() == [1] * 8
 
 
 def _docs(texts: list[str], labels: list[str]) -> pa.Table:

@@ -37,7 +37,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray() -> object:
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    # address="local": a new instance even when another local cluster is running
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              ignore_reinit_error=True)
     yield
     ray.shutdown()
@@ -159,6 +160,10 @@ def test_glotlid_fasttext_backend_filters_by_prediction(world: Path, tmp_path: P
         assert result.lid_agreement[tag] >= 0.95, result.lid_confusion[tag]
         mismatched = result.dropped[tag].get("lid_mismatch", 0)
         assert mismatched == sum(n for p, n in result.lid_confusion[tag].items() if p != tag)
+        # over the kept documents LID agrees fully (filter mode dropped the rest), and the
+        # planted junk's quality-filter verdict stays visible beside the LID reason
+        assert result.lid_agreement_kept[tag] == 1.0
+        assert result.quality_flags[tag]["non_alpha"] >= 1
 
 
 def test_non_utf8_is_replaced_and_counted(world: Path, tmp_path: Path) -> None:
@@ -264,12 +269,20 @@ def test_stage_command_builds_once_and_logs(world: Path, tmp_path: Path) -> None
     assert "swh_Latn: 154 → 150 documents" in first.stdout
     stage = tmp_path / "runs" / "d" / "data"
     assert (stage / "manifest.json").exists() and list((stage / "train").glob("*.parquet"))
-    again = subprocess.run(env_cmd, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and "already complete, skipped" in again.stdout
+    # a complete stage is answered before Ray starts: an unreachable cluster does not matter
+    again = subprocess.run([*env_cmd, "--set", "resources.ray_address=127.0.0.1:9"],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "already complete, skipped" in again.stdout, again.stderr
+    stats = json.loads((stage / "stats.json").read_text())
+    assert stats["out_dir"] == str(stage)  # the final folder, not the build folder
+    assert stats["files"] and all(f.startswith(f"{stage}/") for f in stats["files"])
     client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
     run = client.search_runs([client.get_experiment_by_name("deltamoe").experiment_id],
                              filter_string="tags.`deltamoe.stage` = 'data'")[0]
     assert run.data.metrics["data/documents_out/swh_Latn"] == 150
     assert run.data.metrics["data/dropped/exact_duplicate/swh_Latn"] == 3
+    # the default mix leaves most kept tokens unused here: a metric and a warning on the run
+    assert run.data.metrics["data/tokens_unused_fraction"] > 0.1
+    assert "data.mix.mode: all" in run.data.tags["data.warnings"]
     arrays = np.array(pq.read_table(stage / "train").column("input_ids").to_pylist())
     assert arrays.shape[1] == 64

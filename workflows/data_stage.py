@@ -55,6 +55,27 @@ def _sources_identity(data: DataConfig, languages: list[str], run_dir: RunDir) -
             for source in data.sources]
 
 
+def _fingerprint(cfg: RunConfig, run_dir: RunDir, languages: list[str], tokenizer: Path) -> str:
+    data = cfg.data
+    # `actors` only changes how fast the same shards are made
+    return fingerprint("data", data.model_dump(mode="json", exclude={"actors"}), languages,
+                       list(cfg.languages.original), cfg.seed, _tokenizer_identity(tokenizer),
+                       _sources_identity(data, languages, run_dir))
+
+
+def complete_data_manifest(cfg: RunConfig, run_dir: RunDir) -> Manifest | None:
+    """The manifest of ``data/`` when it is complete for ``cfg`` (checked without Ray: file
+    listings, sizes and the tokenizer's bytes), else ``None`` — so a rerun of a finished stage
+    returns in a second instead of starting Ray first."""
+    try:
+        tokenizer = tokenizer_dir(cfg, run_dir)
+        fp = _fingerprint(cfg, run_dir, cfg.languages.all, tokenizer)
+    except (OSError, ValueError):  # anything off: let the real stage say what it is
+        return None
+    stage = run_dir.stage(STAGE)
+    return stage.read_manifest() if stage.is_complete(fp) else None
+
+
 def _ensure(cfg: RunConfig, run_dir: RunDir, stage_name: str, languages: list[str],
             tokenizer: Path, logger: RankZeroLogger | None) -> tuple[Manifest, bool]:
     from components.data.tokenize import load_tokenizer
@@ -63,16 +84,14 @@ def _ensure(cfg: RunConfig, run_dir: RunDir, stage_name: str, languages: list[st
     stage: StageDir = run_dir.stage(stage_name)
     data = cfg.data
     local = str(run_dir.local_path) if run_dir.local_path is not None else None
-    # `actors` only changes how fast the same shards are made
-    fp = fingerprint("data", data.model_dump(mode="json", exclude={"actors"}), languages,
-                     list(cfg.languages.original), cfg.seed, _tokenizer_identity(tokenizer),
-                     _sources_identity(data, languages, run_dir))
+    fp = _fingerprint(cfg, run_dir, languages, tokenizer)
     results: list[DataResult] = []
 
     def build(work: StageBuild) -> None:
         results.append(prepare_data(data, languages, cfg.languages.original, tokenizer,
                                     work.uri, run_dir=local, seed=cfg.seed,
-                                    storage_options=cfg.storage.storage_options))
+                                    storage_options=cfg.storage.storage_options,
+                                    final_dir=stage.uri))
         work.extra["data"] = {k: v for k, v in results[0].to_dict().items() if k != "files"}
 
     manifest, built = stage.ensure(fp, build, inputs={"tokenizer": str(tokenizer)},
@@ -88,6 +107,8 @@ def log_data(logger: RankZeroLogger, result: DataResult) -> None:
     """Statistics as ``data/...`` metrics, the per-language table and the full stats."""
     logger.log_metrics(result.metrics(), step=0)
     logger.log_dict(result.to_dict(), "data/stats.json")
+    if result.warnings:  # e.g. most kept tokens in no shard: visible on the run's page
+        logger.set_tags({"data.warnings": " | ".join(result.warnings)})
     if logger.is_rank_zero:
         import pandas as pd
 

@@ -1,8 +1,9 @@
 """The data stage: read web corpora, tag languages, filter, dedup, tokenize, pack and mix.
 
-Ray Data does the per-document work (reading with column projection, language ID on an actor
-pool, quality filters, tokenization); the driver keeps what needs one global view (exact and
-near-duplicate removal in corpus order, per-language packing, the mix) and writes the shards.
+Ray Data workers do the per-document work (reading with column projection, language ID,
+quality filters, hashes, tokenization) on an actor pool; dedup is shuffles reduced by Ray tasks
+(exact hashes, MinHash LSH buckets, duplicate clusters); each language packs in its own task and
+writes its shards. The driver plans and sees counts only (:mod:`components.data.pipeline`).
 
 The pipeline (and Ray Data with it) loads on first use of :func:`prepare_data`, so the readers'
 registry stays cheap to import for the run config's validation.

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import zlib
-from collections import defaultdict
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +22,7 @@ import pyarrow.compute as pc
 
 from components.data.textops import collapse_whitespace
 
-__all__ = ["MinHasher", "NearDuplicateIndex", "exact_hashes", "lsh_params", "normalize"]
+__all__ = ["MinHasher", "exact_hashes", "lsh_params", "normalize"]
 
 _SHINGLE = 5
 _MASK32 = np.uint64(0xFFFFFFFF)
@@ -99,32 +98,3 @@ def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
         if fp + fn < best_err:
             best, best_err = (bands, rows), fp + fn
     return best
-
-
-class NearDuplicateIndex:
-    """Banded LSH over kept signatures; :meth:`check_and_add` says whether a document is a
-    near duplicate of one already kept (and indexes it when it is not)."""
-
-    def __init__(self, num_perm: int, threshold: float) -> None:
-        self.threshold = threshold
-        self.bands, self.rows = lsh_params(threshold, num_perm)
-        self.buckets: list[dict[bytes, list[int]]] = [defaultdict(list)
-                                                      for _ in range(self.bands)]
-        self.kept: list[np.ndarray] = []
-
-    def check_and_add(self, signature: np.ndarray) -> bool:
-        keys = [signature[b * self.rows:(b + 1) * self.rows].tobytes()
-                for b in range(self.bands)]
-        seen: set[int] = set()
-        for band, key in enumerate(keys):
-            for cand in self.buckets[band].get(key, ()):
-                if cand in seen:
-                    continue
-                seen.add(cand)
-                if float(np.mean(self.kept[cand] == signature)) >= self.threshold:
-                    return True
-        index = len(self.kept)
-        self.kept.append(signature)
-        for band, key in enumerate(keys):
-            self.buckets[band][key].append(index)
-        return False

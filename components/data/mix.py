@@ -7,6 +7,9 @@ none are given), original languages split ``replay_ratio`` (evenly unless ``rati
 whose shares every language can fill. Either way the realized amounts keep the requested
 proportions: when a language has less than asked, all share languages are scaled down together
 (the mix is the point; a budget shortfall is reported, not papered over by one language).
+
+``mode: all`` drops the proportions instead: every available token trains (pinned languages
+still capped at their pin), and the shares that gives are what the statistics report.
 """
 
 from __future__ import annotations
@@ -67,6 +70,11 @@ def plan_mix(available: Mapping[str, int], languages: Sequence[str], original: S
              mix: MixConfig, seq_len: int) -> MixPlan:
     """Training sequences per language from the tokens available (whole sequences only)."""
     shares = mix_shares(languages, original, mix)
+    if mix.mode == "all":
+        take = {t: min(available.get(t, 0), mix.tokens_per_language.get(t, available.get(t, 0)))
+                for t in languages}
+        return MixPlan(requested=take, sequences={t: n // seq_len for t, n in take.items()},
+                       shares=shares, scaled_down=False)
     pinned = {t: n for t, n in mix.tokens_per_language.items() if t in languages}
     requested: dict[str, int] = dict(pinned)
     positive = {t: s for t, s in shares.items() if s > 0}

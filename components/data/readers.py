@@ -1,6 +1,6 @@
 """Readers: find each source's files per language and read them into one document schema.
 
-Every source, whatever its layout, becomes Ray Data rows with the same columns, so the later
+Every source, whatever its layout, becomes Arrow batches with the same columns, so the later
 operators never look at formats: ``text`` (valid UTF-8, invalid bytes replaced), ``label`` (the
 dataset's own canonical language tag, ``""`` when it does not say), ``source`` (the source name),
 ``bad_utf8`` (replacement characters introduced) and ``drop`` (``""`` while the document is kept,
@@ -14,14 +14,20 @@ the config's ``format`` names to them, so adding a format is one class. Layouts:
 text column and an optional language column. Parquet is read with column projection; jsonl is
 read as bytes and split here, because Arrow's JSON reader stops at the first invalid UTF-8 byte
 and web text has them.
+
+Reading is split into :class:`WorkUnit` s (a file, or a run of a large parquet file's row groups)
+that a worker streams batch by batch without Ray: each unit's documents are a contiguous run of
+the corpus order, so a document's stable key (source, file, row) — not the order workers happen
+to finish in — decides which duplicate is first and where a document's tokens go.
 """
 
 from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from functools import cached_property, lru_cache
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import PurePosixPath
 from typing import Any, ClassVar
 
@@ -29,75 +35,27 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
 
 from components.config import DataSource
 from components.data.errors import DataError
-from components.languages import UnknownLanguageError, canonical_tag, culturax_code, culturax_tag
+from components.data.sources import SourceFiles, WorkUnit
+from components.languages import (
+    UnknownLanguageError,
+    canonical_tag,
+    culturax_code,
+    culturax_tag,
+    fineweb2_tag,
+)
 
 __all__ = ["DOC_SCHEMA", "READERS", "CulturaXReader", "FineWeb2Reader", "JsonlReader",
-           "ParquetReader", "Reader", "SourceFiles", "reader_for", "repair_utf8",
+           "ParquetReader", "Reader", "SourceFiles", "WorkUnit", "reader_for", "repair_utf8",
            "resolve_source"]
 
 DOC_SCHEMA = pa.schema([("text", pa.string()), ("label", pa.string()), ("source", pa.string()),
                         ("bad_utf8", pa.int32()), ("drop", pa.string())])
 UNKNOWN_LANGUAGE = "unknown_language"
+CLUSTER_SIZE = "minhash_cluster_size"  # FineWeb2's own column, read for rehydration
 _REPLACEMENT = "\ufffd"
-# Fractional CPUs: on a small machine the document operator's actors hold whole CPUs, and read
-# tasks asking for a whole one would wait for them forever.
-_TASK_CPUS = 0.25
-
-
-# fsspec ``info`` keys that change when a file's bytes do, most specific first
-_VERSION_KEYS = ("ETag", "etag", "md5Hash", "content_md5", "mtime", "LastModified",
-                 "last_modified", "updated", "created")
-
-
-@dataclass
-class SourceFiles:
-    """One source resolved to files: what to read and the reader that reads and labels it."""
-
-    reader: Reader
-    path: str
-    fs: fsspec.AbstractFileSystem
-    files: list[str]
-    languages: list[str]  # canonical tags this source is read for
-    columns: list[str] = field(default_factory=list)  # projected columns
-
-    @property
-    def source(self) -> DataSource:
-        return self.reader.source
-
-    @property
-    def default_label(self) -> str:
-        """The label of documents the dataset does not label: the one language the source lists
-        for itself, else ``""`` (language ID decides)."""
-        if len(self.languages) == 1 and self.source.languages:
-            return self.languages[0]
-        return ""
-
-    def read(self, batch_size: int) -> Any:
-        """A Ray Dataset of the documents in the document schema, in file and row order."""
-        return self.reader.read(self, batch_size)
-
-    @cached_property
-    def _infos(self) -> list[dict[str, Any]]:
-        """The store's metadata of each file, asked once (a HEAD per file on object stores)."""
-        return [self.fs.info(path) for path in self.files]
-
-    def size(self) -> int:
-        """Bytes of the source's files as stored (without reading them)."""
-        return sum(int(info.get("size") or 0) for info in self._infos)
-
-    def versions(self) -> list[list[Any]]:
-        """``[file, size, version]`` per file without reading it: the store's content tag
-        (S3/GCS ETag or MD5) where it keeps one, else its modification time. A corpus edited in
-        place, even to the same size, gets new shards; an untouched one is reused."""
-        out: list[list[Any]] = []
-        for path, info in zip(self.files, self._infos, strict=True):
-            version = next((info[k] for k in _VERSION_KEYS if info.get(k) is not None), None)
-            out.append([path, info.get("size"), str(version)])
-        return out
 
 
 def _fs_for(source: DataSource, run_dir: str | None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -109,14 +67,6 @@ def _fs_for(source: DataSource, run_dir: str | None) -> tuple[fsspec.AbstractFil
         path = path.replace("{run_dir}", run_dir.rstrip("/"))
     fs, root = fsspec.core.url_to_fs(path, **source.storage_options)
     return fs, root.rstrip("/") or "/"
-
-
-def _arrow_fs(fs: fsspec.AbstractFileSystem) -> Any:
-    if isinstance(fs, LocalFileSystem):
-        return None
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    return PyFileSystem(FSSpecHandler(fs))
 
 
 def repair_utf8(column: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
@@ -198,8 +148,17 @@ class Reader(ABC):
                             f"exist ({root})")
         wanted = [t for t in (self.source.languages or languages) if t in languages]
         files, found = self._files(fs, root, wanted)
+        aliases = {self.layout_tag(t): t for t in found if self.layout_tag(t) != t}
         return SourceFiles(reader=self, path=root, fs=fs, files=files, languages=found,
-                           columns=self._columns(fs, files[0]))
+                           columns=self._columns(fs, files[0]), aliases=aliases)
+
+    def layout_tag(self, tag: str) -> str:
+        """The tag the dataset itself uses for a run language (the canonical one by default)."""
+        return tag
+
+    def available(self, root: str, fs: fsspec.AbstractFileSystem) -> list[str] | None:
+        """Tags the layout has folders for (``None``: a flat layout, which says nothing)."""
+        return None
 
     @abstractmethod
     def _files(self, fs: fsspec.AbstractFileSystem, root: str,
@@ -243,19 +202,29 @@ class Reader(ABC):
     def documents(self, rows: pa.Table, default: str) -> pa.Table:
         """Rows as read (text and label columns) → the document schema."""
         texts, bad = repair_utf8(rows.column(self.source.text_column))
-        return _doc_table(texts, bad, self.labels(rows, default), self.source.name)
+        table = _doc_table(texts, bad, self.labels(rows, default), self.source.name)
+        if CLUSTER_SIZE in rows.column_names:
+            sizes = rows.column(CLUSTER_SIZE).cast(pa.int32()).fill_null(1)
+            table = table.append_column(CLUSTER_SIZE, sizes)
+        return table
 
-    def read(self, plan: SourceFiles, batch_size: int) -> Any:
-        """A Ray Dataset of ``plan``'s documents in the document schema, in file and row order."""
-        import ray.data
-
-        ds = ray.data.read_parquet(plan.files, filesystem=_arrow_fs(plan.fs),
-                                   columns=plan.columns,
-                                   include_paths=self._labels_need_paths(plan.columns),
-                                   num_cpus=_TASK_CPUS)
-        return ds.map_batches(self.documents, fn_kwargs={"default": plan.default_label},
-                              batch_size=batch_size, batch_format="pyarrow",
-                              num_cpus=_TASK_CPUS)
+    def iter_unit(self, plan: SourceFiles, unit: WorkUnit, batch_size: int,
+                  cluster_size: bool) -> Iterator[tuple[int, pa.Table]]:
+        """One unit's documents, streamed: at most ``batch_size`` rows of text in memory."""
+        with plan.fs.open(unit.path, "rb") as handle:
+            pf = pq.ParquetFile(handle)
+            columns = list(plan.columns)
+            if cluster_size and CLUSTER_SIZE in pf.schema_arrow.names:
+                columns.append(CLUSTER_SIZE)
+            groups = range(unit.first_group, unit.end_group or pf.metadata.num_row_groups)
+            row = unit.first_row
+            for batch in pf.iter_batches(batch_size, row_groups=list(groups), columns=columns):
+                rows = pa.Table.from_batches([batch])
+                if self._labels_need_paths(plan.columns):
+                    rows = rows.append_column("path", pa.array([unit.path] * rows.num_rows,
+                                                               pa.string()))
+                yield row, self.documents(rows, plan.default_label)
+                row += rows.num_rows
 
 
 class _LayoutReader(Reader):
@@ -267,6 +236,10 @@ class _LayoutReader(Reader):
     @abstractmethod
     def folder(self, root: str, tag: str) -> str:
         """The folder holding ``tag``'s files."""
+
+    @abstractmethod
+    def languages_root(self, root: str) -> str:
+        """The folder whose subfolders are the languages."""
 
     @abstractmethod
     def file_label(self, path: str) -> str:
@@ -281,8 +254,10 @@ class _LayoutReader(Reader):
             folder = self.folder(root, tag)
             if not fs.isdir(folder):
                 if self.source.languages:
+                    has = self.available(root, fs) or []
                     raise DataError(f"source {name!r}: no {self.name} folder for {tag}: "
-                                    f"{folder} does not exist")
+                                    f"{folder} does not exist (it has: "
+                                    f"{', '.join(has) or 'no language folders'})")
                 continue
             shards = sorted(f for f in fs.find(folder) if f.endswith(".parquet"))
             if not shards:
@@ -293,6 +268,14 @@ class _LayoutReader(Reader):
             raise DataError(f"source {name!r}: no {self.layout} folder under {root} for any "
                             f"of {', '.join(wanted) or 'the run languages'}")
         return files, found
+
+    def available(self, root: str, fs: fsspec.AbstractFileSystem) -> list[str] | None:
+        base = self.languages_root(root)
+        try:
+            return sorted(PurePosixPath(p).name for p in fs.ls(base, detail=False)
+                          if fs.isdir(p))
+        except FileNotFoundError:
+            return []
 
     def labels(self, rows: pa.Table, default: str) -> list[str]:
         paths = rows.column("path").to_pylist()  # one file per batch or a few
@@ -311,7 +294,13 @@ class FineWeb2Reader(_LayoutReader):
     layout = "data/<tag>/train"
 
     def folder(self, root: str, tag: str) -> str:
-        return f"{root}/data/{tag}/train"
+        return f"{root}/data/{self.layout_tag(tag)}/train"
+
+    def languages_root(self, root: str) -> str:
+        return f"{root}/data"
+
+    def layout_tag(self, tag: str) -> str:
+        return fineweb2_tag(tag)
 
     def file_label(self, path: str) -> str:
         return PurePosixPath(path).parts[-3]
@@ -343,8 +332,11 @@ class CulturaXReader(_LayoutReader):
     def folder(self, root: str, tag: str) -> str:
         try:
             return f"{root}/{culturax_code(tag)}"
-        except UnknownLanguageError:
+        except (UnknownLanguageError, ValueError):
             return f"{root}/{tag}"
+
+    def languages_root(self, root: str) -> str:
+        return root
 
     def file_label(self, path: str) -> str:
         code = PurePosixPath(path).parts[-2]
@@ -413,34 +405,37 @@ class JsonlReader(_FlatReader):
         return None
 
     def split_lines(self, files: pa.Table, default: str) -> pa.Table:
-        """Whole files (a ``bytes`` column) → one document row per non-blank line; a line that
-        is not a JSON object with a string text is kept, empty, as a ``bad_json`` / ``no_text``
-        drop so the ledger counts it."""
+        """Whole files (a ``bytes`` column) → one document row per non-blank line."""
+        return self.lines_to_documents([line for blob in files.column("bytes").to_pylist()
+                                        for line in blob.splitlines()], default)
+
+    def lines_to_documents(self, lines: list[bytes], default: str) -> pa.Table:
+        """One document row per non-blank line; a line that is not a JSON object with a string
+        text is kept, empty, as a ``bad_json`` / ``no_text`` drop so it is counted."""
         src = self.source
         texts: list[bytes | None] = []
         raw_labels: list[str | None] = []
         broken: list[str] = []
-        for blob in files.column("bytes").to_pylist():
-            for line in blob.splitlines():
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line.decode("utf-8", errors="surrogateescape"))
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    row = None
-                text = row.get(src.text_column) if isinstance(row, dict) else None
-                if not isinstance(text, str):
-                    texts.append(None)
-                    raw_labels.append(None)
-                    broken.append("bad_json" if row is None else "no_text")
-                    continue
-                try:
-                    texts.append(text.encode("utf-8", errors="surrogateescape"))
-                except UnicodeEncodeError:  # an escaped lone surrogate (\ud800) in the JSON
-                    texts.append(text.encode("utf-8", errors="replace"))
-                label = row.get(src.language_column) if src.language_column else None
-                raw_labels.append(None if label is None else str(label))
-                broken.append("")
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.decode("utf-8", errors="surrogateescape"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                row = None
+            text = row.get(src.text_column) if isinstance(row, dict) else None
+            if not isinstance(text, str):
+                texts.append(None)
+                raw_labels.append(None)
+                broken.append("bad_json" if row is None else "no_text")
+                continue
+            try:
+                texts.append(text.encode("utf-8", errors="surrogateescape"))
+            except UnicodeEncodeError:  # an escaped lone surrogate (\ud800) in the JSON
+                texts.append(text.encode("utf-8", errors="replace"))
+            label = row.get(src.language_column) if src.language_column else None
+            raw_labels.append(None if label is None else str(label))
+            broken.append("")
         rows = {src.text_column: pa.array(texts, pa.binary())}
         if src.language_column:
             rows[src.language_column] = pa.array(raw_labels, pa.string())
@@ -448,13 +443,19 @@ class JsonlReader(_FlatReader):
         drops = [b or d for b, d in zip(broken, table.column("drop").to_pylist(), strict=True)]
         return table.set_column(4, "drop", pa.array(drops, pa.string()))
 
-    def read(self, plan: SourceFiles, batch_size: int) -> Any:
-        import ray.data
-
-        ds = ray.data.read_binary_files(plan.files, filesystem=_arrow_fs(plan.fs),
-                                        num_cpus=_TASK_CPUS)
-        return ds.map_batches(self.split_lines, fn_kwargs={"default": plan.default_label},
-                              batch_size=1, batch_format="pyarrow", num_cpus=_TASK_CPUS)
+    def iter_unit(self, plan: SourceFiles, unit: WorkUnit, batch_size: int,
+                  cluster_size: bool) -> Iterator[tuple[int, pa.Table]]:
+        """The file's lines streamed ``batch_size`` non-blank lines at a time."""
+        row, lines = 0, []
+        with plan.fs.open(unit.path, "rb") as handle:
+            for line in handle:
+                if line.strip():
+                    lines.append(line)
+                if len(lines) >= batch_size:
+                    yield row, self.lines_to_documents(lines, plan.default_label)
+                    row, lines = row + len(lines), []
+        if lines:
+            yield row, self.lines_to_documents(lines, plan.default_label)
 
 
 READERS: dict[str, type[Reader]] = {
