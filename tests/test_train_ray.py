@@ -84,7 +84,7 @@ def test_fault_restarts_from_checkpoint_and_training_works(inputs: dict[str, Pat
     run_id = tracker.stage_run_id("cpt_moe")
     train = TrainConfig(steps=50, micro_batch_size=4, lr=2e-3, warmup_steps=5,
                         precision="fp32", checkpoint_every=25, keep_checkpoints=2,
-                        max_failures=1, log_every=5, lpr_coef=0.01)
+                        max_failures=1, log_every=5, lpr_coef=0.01, peak_tflops=1.0)
     spec = _spec(inputs, "fault", train=train, tracking_uri=tracking, mlflow_run_id=run_id,
                  fail_at_step=30, fail_marker=str(root / "fault.marker"))
     scraper = _Scraper(inputs["metrics_port"])
@@ -121,6 +121,11 @@ def test_fault_restarts_from_checkpoint_and_training_works(inputs: dict[str, Pat
     assert sum(loads) == pytest.approx(1.0)
     assert data["train/tokens_per_s"] > 0 and data["train/lr"] > 0
     assert data["params/trainable"] > 0 and data["params/frozen"] > 0
+    # throughput figures: MFU against the given 1 TFLOP/s per worker, peak RSS, active params
+    assert data["params/active"] < data["params/trainable"] + data["params/frozen"]
+    assert 0 < data["train/mfu"] < 1 and data["train/peak_memory_gib"] > 0
+    assert client.get_run(run_id).data.tags["deltamoe.train.experts_implementation"] == \
+        "eager"  # auto on a CPU
     # checkpoints kept: the last two
     kept = sorted(p.name for p in (root / "ckpt" / "fault").glob("checkpoint_0*"))
     assert kept == ["checkpoint_00000025", "checkpoint_00000050"]

@@ -9,6 +9,15 @@ Tensor names stay those of the dense model plus ``mlp.gate`` (router), ``mlp.exp
 declares, so the delta engine expands Δpost onto it exactly as onto Mixtral. Importing this
 module registers it with the Auto classes, after which ``AutoModelForCausalLM.from_pretrained``
 loads it with ``trust_remote_code`` off.
+
+The experts stay per-expert modules in memory too, although transformers' conversion mapping
+(``register_checkpoint_conversion_mapping``, what turns Mixtral's ``experts.<e>.w1`` into a
+fused ``gate_up_proj`` on load) accepts a custom class: fused parameters would make the anchor a
+slice (frozen only by a guard, with optimizer state of its own), need fused bias tensors no
+layout declares, and change every in-memory name that freezing, router capture and the
+checkpoint readers look up. The grouped path gets the fused operands by stacking the experts'
+weights at compute time instead (one read of the expert weights per forward, kept for the
+backward unless activation checkpointing recomputes it).
 """
 
 from __future__ import annotations
@@ -24,11 +33,15 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
 )
+from transformers.integrations.moe import _grouped_mm
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from components.moe.families import DENSE_TYPES, OWN_MOE_TYPE
 
 MODEL_TYPE = OWN_MOE_TYPE
+# the experts implementations LanguageMoeBlock has (transformers' names); grouped_mm is the default
+EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "eager")
+GATED_MLP = ("gate_proj", "up_proj", "down_proj", "act_fn")
 
 
 class DeltaMoeConfig(PretrainedConfig):
@@ -84,16 +97,29 @@ class LanguageMoeBlock(nn.Module):
     anchor expert alone; zero-initialised logits tie, and ties go to class 0, so a freshly
     upcycled classifier layer is exact too. The classifier is trained with its own loss
     (:func:`components.moe.routing.classifier_loss`); its hard decision carries no gradient.
+
+    The experts run as the model config's ``_experts_implementation`` says (transformers'
+    switch, :meth:`DeltaMoeForCausalLM.set_experts_implementation`): ``grouped_mm`` (the
+    default) sorts the token-expert pairs by expert and runs each projection as one grouped GEMM
+    over the experts' weights stacked at compute time, with no host sync; ``eager`` loops over
+    the experts that received tokens (a device sync per layer: the reference). The parameters
+    stay per expert (``experts.<e>.gate_proj`` ...), so the anchor freezes by ``requires_grad``
+    and the on-disk layout is unchanged; MLP biases (Llama ``mlp_bias``) are gathered per row.
+    An expert no token reached gets a zero gradient from the grouped path (none from the loop),
+    so AdamW's momentum and weight decay still move it, as with transformers' fused tensors.
     """
 
     def __init__(self, config: DeltaMoeConfig, layer: int, mlp_class: type[nn.Module]) -> None:
         super().__init__()
+        self.config = config  # read at each forward: the experts implementation can change
         self.num_experts = config.num_experts(layer)
         self.top_k = min(config.num_experts_per_tok, self.num_experts)
         self.gate = nn.Linear(config.hidden_size, self.num_experts, bias=False)
         self.experts = nn.ModuleList(mlp_class(config) for _ in range(self.num_experts))
         self.classifier = (nn.Linear(config.hidden_size, 2, bias=True)
                            if layer in config.classifier_layers else None)
+        # the grouped path needs the gated MLP of every dense family: gate/up/down and act_fn
+        self.groupable = all(hasattr(self.experts[0], name) for name in GATED_MLP)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
@@ -102,6 +128,12 @@ class LanguageMoeBlock(nn.Module):
         probs = torch.softmax(logits.float(), dim=-1)
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)
         weights = (weights / weights.sum(dim=-1, keepdim=True)).to(flat.dtype)
+        if self.config._experts_implementation == "grouped_mm" and self.groupable:
+            return self._grouped(flat, chosen, weights).reshape(shape)
+        return self._eager(flat, chosen, weights).reshape(shape)
+
+    def _eager(self, flat: torch.Tensor, chosen: torch.Tensor,
+               weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(flat)
         for expert in torch.unique(chosen).tolist():
             rows, slot = torch.where(chosen == expert)
@@ -112,7 +144,45 @@ class LanguageMoeBlock(nn.Module):
             if original.any():
                 anchor = self.experts[0](flat[original])
                 out = out.index_put((original.nonzero().squeeze(1),), anchor.to(out.dtype))
-        return out.reshape(shape)
+        return out
+
+    def _grouped(self, flat: torch.Tensor, chosen: torch.Tensor,
+                 weights: torch.Tensor) -> torch.Tensor:
+        tokens, top_k = chosen.shape
+        if self.classifier is not None:
+            # original-language tokens: every slot on the anchor, all weight on the first one
+            # (y·1 + y·0 is y exactly), so the same sorted GEMMs serve them without a sync
+            original = (self.classifier(flat).argmax(dim=-1) == 0)[:, None]
+            chosen = torch.where(original, torch.zeros_like(chosen), chosen)
+            first = torch.zeros_like(weights)
+            first[:, 0] = 1.0
+            weights = torch.where(original, first, weights)
+        ids, order = torch.sort(chosen.reshape(-1), stable=True)
+        rows = flat[order // top_k]
+        # histc, not bincount: bincount's output size depends on the data (a host sync)
+        counts = torch.histc(ids.float() if flat.device.type in ("cpu", "mps") else ids.int(),
+                             bins=self.num_experts, min=0, max=self.num_experts - 1)
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        act = self.experts[0].act_fn
+        hidden = (act(self._grouped_projection("gate_proj", offsets, rows, ids))
+                  * self._grouped_projection("up_proj", offsets, rows, ids))
+        y = self._grouped_projection("down_proj", offsets, hidden, ids)
+        y = y * weights.reshape(-1)[order, None].to(y.dtype)
+        unsorted = torch.zeros_like(y).index_copy(0, order, y)
+        return unsorted.view(tokens, top_k, -1).sum(dim=1).to(flat.dtype)
+
+    def _grouped_projection(self, name: str, offsets: torch.Tensor, rows: torch.Tensor,
+                            ids: torch.Tensor) -> torch.Tensor:
+        """Projection ``name`` of every expert as one grouped GEMM: ``rows`` sorted by expert,
+        ``offsets`` the cumulative row counts. The weights are stacked as contiguous
+        [E, in, out], the grouped kernel's own layout (one copy; concatenating gate and up into
+        one GEMM cost a second copy and measured ~20 % slower on CPU)."""
+        layers = [getattr(expert, name) for expert in self.experts]
+        weight = torch.stack([layer.weight.t() for layer in layers])
+        out = _grouped_mm(rows, weight, offs=offsets)
+        if layers[0].bias is not None:
+            out = out + torch.stack([layer.bias for layer in layers])[ids].to(out.dtype)
+        return out
 
 
 class DeltaMoeForCausalLM(PreTrainedModel, GenerationMixin):
@@ -131,7 +201,11 @@ class DeltaMoeForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         dense_class = config.dense_class()
         self._no_split_modules = list(getattr(dense_class, "_no_split_modules", None) or [])
+        # the dense class cannot switch experts implementations: it must not see ours
+        experts, config._experts_implementation_internal = (
+            config._experts_implementation_internal, None)
         dense = dense_class(config)
+        config._experts_implementation_internal = experts
         self.model, self.lm_head = dense.model, dense.lm_head
         self._dense_forward = dense_class.forward
         self.vocab_size = config.vocab_size
@@ -139,6 +213,18 @@ class DeltaMoeForCausalLM(PreTrainedModel, GenerationMixin):
             if config.num_experts(index) > 0:
                 layer.mlp = LanguageMoeBlock(config, index, type(layer.mlp))
         self.post_init()
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return True  # LanguageMoeBlock reads config._experts_implementation at each forward
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """transformers' check, for what :class:`LanguageMoeBlock` implements."""
+        found = "grouped_mm" if requested_experts is None else requested_experts
+        if found not in EXPERTS_IMPLEMENTATIONS:
+            raise ValueError(f"experts_implementation {found!r}: {type(self).__name__} "
+                             f"implements {', '.join(EXPERTS_IMPLEMENTATIONS)}")
+        return found
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.embed_tokens

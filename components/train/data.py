@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -160,3 +161,65 @@ def validation_batches(paths: Sequence[str], batch_size: int, languages: Sequenc
             batch.weight[len(idx):] = 0.0
         batches.append(batch)
     return batches
+
+
+class Prefetcher:
+    """Batches of ``source`` read ``depth`` ahead in a background thread, so the step never
+    waits on the loader (parquet ``take``, collation, Ray Data's iterator); on CUDA each batch
+    is pinned there too, so the step's ``non_blocking`` copy overlaps compute. The order is the
+    source's (one producer), so resumed streams stay exact; an error in the source is raised at
+    the ``next`` that would have returned its batch. :meth:`close` stops the thread."""
+
+    def __init__(self, source: Iterator[Batch], depth: int, pin: bool = False) -> None:
+        import queue
+        import threading
+
+        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=max(depth, 1))
+        self._stop = threading.Event()
+        self._source, self._pin = source, pin
+        self._thread = threading.Thread(target=self._fill, name="batch-prefetch", daemon=True)
+        self._thread.start()
+
+    def _fill(self) -> None:
+        try:
+            for batch in self._source:
+                if self._pin:
+                    batch = Batch(*(t.pin_memory() for t in (batch.input_ids, batch.labels,
+                                                             batch.lang_index, batch.weight)))
+                if not self._put(("batch", batch)):
+                    return
+            self._put(("end", None))
+        except BaseException as err:  # handed to the consumer, which raises it
+            self._put(("error", err))
+
+    def _put(self, item: tuple[str, Any]) -> bool:
+        """Queue ``item`` unless :meth:`close` was called first (False then)."""
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Prefetcher:
+        return self
+
+    def __next__(self) -> Batch:
+        kind, value = self._queue.get()
+        if kind == "error":
+            raise value
+        if kind == "end":
+            raise StopIteration
+        return value
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5.0)
+
+
+def prefetched(source: Iterator[Batch], depth: int, pin: bool = False) -> Iterator[Batch]:
+    """``source`` behind a :class:`Prefetcher` of ``depth`` batches (``depth`` 0: as it is)."""
+    return Prefetcher(source, depth, pin) if depth > 0 else source

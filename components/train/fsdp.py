@@ -24,6 +24,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from components.moe.freeze import role, set_requires_grad
+from components.train.speed import apply_experts_implementation
+from components.train.speed import compile_blocks as compile_forwards
 
 
 @dataclass(frozen=True)
@@ -76,8 +78,13 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 def build_sharded(init_dir: str, mesh: DeviceMesh, place: Placement, *, mode: str,
                   freeze_anchor: bool, freeze_shared: bool,
-                  activation_checkpointing: bool) -> nn.Module:
-    """The model of ``init_dir``, sharded over ``mesh``, weights loaded from rank 0."""
+                  activation_checkpointing: bool, experts_implementation: str = "auto",
+                  compile_blocks: bool = False) -> nn.Module:
+    """The model of ``init_dir``, sharded over ``mesh``, weights loaded from rank 0.
+
+    The experts implementation is set before sharding (FSDP2 swaps the model's class, and
+    transformers decides from the class whether it may switch); compiled block forwards too,
+    so FSDP2's hooks wrap them from outside."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -89,8 +96,12 @@ def build_sharded(init_dir: str, mesh: DeviceMesh, place: Placement, *, mode: st
     # non-persistent buffers (rotary inv_freq) are real tensors now; to_empty would wipe them
     buffers = {name: buf.detach().clone() for name, buf in model.named_buffers()}
     set_trainable(model, mode, freeze_anchor, freeze_shared)
+    apply_experts_implementation(model, experts_implementation, place.device)
     if activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False})
+    if compile_blocks:
+        compile_forwards(decoder_layers(model))
     policy = MixedPrecisionPolicy(param_dtype=place.param_dtype, reduce_dtype=place.reduce_dtype)
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=policy)

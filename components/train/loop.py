@@ -3,8 +3,11 @@
 Per optimizer step: ``grad_accum`` micro batches (gradient sync only on the last), loss = LM
 cross-entropy (+ ``balance_coef`` × load balancing + ``lpr_coef`` × language-prior routing on
 an MoE), anchor rows of fused experts zeroed, gradients clipped, AdamW over the trainable
-parameters only (frozen ones get no gradient and no optimizer state), fused anchors restored,
-cosine LR. Every ``checkpoint_every`` steps (and at the end) a DCP checkpoint is reported; a
+parameters only (frozen ones get no gradient and no optimizer state; the fused kernel on CUDA),
+fused anchors restored, cosine LR. Batches are read ahead in a background thread
+(``train.prefetch``); each log step adds tokens/s, peak memory and, where the device's peak is
+known, MFU on active parameters (:mod:`components.train.throughput`). Every
+``checkpoint_every`` steps (and at the end) a DCP checkpoint is reported; a
 restarted worker, or a rerun of the same run name, resumes from the newest one, its data stream
 included (the checkpoint counts the micro batches consumed). With
 ``train.review.enabled`` an MoE run ends with a router-only phase (MoE-LPR's review: only the
@@ -28,13 +31,21 @@ from components.moe.allocation import RoutingPrior
 from components.moe.freeze import parameter_counts, role
 from components.moe.routing import RouterCapture, load_balancing_loss, lpr_loss
 from components.train import checkpoint as ckpt
-from components.train.data import IGNORE, Batch, validation_batches
+from components.train.data import IGNORE, Batch, Prefetcher, prefetched, validation_batches
 from components.train.fsdp import AnchorGuard, build_sharded, device_mesh, placement
 from components.train.metrics import LossMeter, RouterMeter
 from components.train.prometheus import TrainGauges
 from components.train.schedule import lr_factor
 from components.train.session import record_start
 from components.train.spec import TrainError, TrainSpec
+from components.train.speed import adamw_kernel
+from components.train.throughput import (
+    active_parameters,
+    flops_per_token,
+    mfu,
+    peak_memory_gib,
+    peak_tflops,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +74,14 @@ class Worker:
         self.model = build_sharded(
             spec.init_dir, mesh, self.place, mode=spec.mode, freeze_anchor=spec.freeze_anchor,
             freeze_shared=spec.freeze_shared,
-            activation_checkpointing=self.cfg.activation_checkpointing)
+            activation_checkpointing=self.cfg.activation_checkpointing,
+            experts_implementation=self.cfg.experts_implementation,
+            compile_blocks=self.cfg.compile)
         self.model.train()
+        self.experts = getattr(self.model.config, "_experts_implementation", None)
+        self.active = active_parameters(self.model)
+        self.flops_per_token = flops_per_token(self.model, seq_len, self.active)
+        self.peak = peak_tflops(self.device, self.cfg.peak_tflops)
         self.is_moe = spec.mode == "cpt_moe"
         self.capture = RouterCapture(self.model) if self.is_moe else None
         self.prior = (RoutingPrior.from_model(spec.init_dir, languages)
@@ -102,7 +119,7 @@ class Worker:
                   {"params": rest, "weight_decay": 0.0}]
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr_at(0 if phase ==
                                  "main" else self.steps), betas=(0.9, 0.95), eps=1e-8,
-                                 foreach=True)
+                                 **adamw_kernel(self.device))
 
     def lr_at(self, step: int) -> float:
         """The LR of optimizer step ``step`` (0-based over both phases): stateless, so a resumed
@@ -119,7 +136,7 @@ class Worker:
         state = sum(t.numel() for s in self.optimizer.state.values() for t in s.values()
                     if torch.is_tensor(t) and t.ndim > 0)
         return {**parameter_counts(self.model, self.is_moe and self.spec.freeze_anchor),
-                "optimizer_state_local": state}
+                "active": self.active, "optimizer_state_local": state}
 
     # ---------------------------------------------------------------- one step
 
@@ -232,7 +249,8 @@ class Worker:
             self.logger.log_params({"train": {**cfg.model_dump(mode="json"), "mode": spec.mode,
                                               "steps_planned": total,
                                               "world_size": session.world_size}})
-            self.logger.set_tags({"deltamoe.train.attempt": str(session.attempt)})
+            self.logger.set_tags({"deltamoe.train.attempt": str(session.attempt),
+                                  "deltamoe.train.experts_implementation": str(self.experts)})
             self.logger.log_metrics({f"params/{k}": v for k, v in counts.items()},
                                     step=start)
         if state is None:
@@ -243,7 +261,19 @@ class Worker:
             log.info("resuming at step %d of %d", start, total)
         # the stream resumes where the checkpoint left it: a restart does not re-read an epoch
         consumed = int(state.get("micro_batches", start * cfg.grad_accum)) if state else 0
-        batches = session.batches(cfg.micro_batch_size, self.languages, skip=consumed)
+        batches = prefetched(session.batches(cfg.micro_batch_size, self.languages,
+                                             skip=consumed), cfg.prefetch, self.place.is_gpu)
+        try:
+            self._steps(start, total, tokens, step_seconds, initial, counts, batches)
+        finally:
+            if isinstance(batches, Prefetcher):
+                batches.close()
+
+    def _steps(self, start: int, total: int, tokens: int, step_seconds: float,
+               initial: dict[str, Any], counts: dict[str, int], batches: Any) -> None:
+        spec, cfg, session = self.spec, self.cfg, self.session
+        if self.place.is_gpu:
+            torch.cuda.reset_peak_memory_stats(self.device)
         pending, window, window_start, norm = 0, 0.0, time.perf_counter(), 0.0
         loop_start = time.perf_counter()  # the loop's wall time, setup and first validation out
         for step in range(start, total):
@@ -264,7 +294,11 @@ class Worker:
                            **self.routers.metrics(self.device),
                            "train/lr": self.lr_at(step),
                            "train/grad_norm": norm, "train/tokens": float(tokens),
-                           "train/tokens_per_s": window / elapsed}
+                           "train/tokens_per_s": window / elapsed,
+                           "train/peak_memory_gib": peak_memory_gib(self.device)}
+                used = mfu(window / elapsed, self.flops_per_token, self.peak, session.world_size)
+                if used is not None:
+                    metrics["train/mfu"] = used
                 window, window_start = 0.0, time.perf_counter()
                 if self.logger is not None:
                     self.logger.log_metrics(metrics, step=done)
