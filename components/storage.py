@@ -1,21 +1,30 @@
 """Run directories and the stage contract: atomic, resumable, verifiable.
 
 A stage (data, upcycle, train, graft, eval, ...) builds into a temporary sibling of its final
-folder and is renamed into place only when complete; ``manifest.json`` is written last and is
-the only mark of completion. So a crash at any point leaves either no final folder or a folder
-without a manifest, and a rerun redoes the stage; a stage whose manifest carries the same
-fingerprint (config section + inputs) is skipped.
+folder, ``manifest.json`` included, and is renamed into place only when complete: on a local
+disk the rename is the commit, so a kill at any point leaves the old folder, no folder, or the
+complete new one, never a complete-looking folder without a manifest. A rerun redoes the stage;
+a stage whose manifest carries the same fingerprint (config section + inputs) is skipped.
+
+An output folder is never one of the stage's inputs nor above or inside one; a folder is only
+replaced when every file in it is one its manifest lists (files a user added are never deleted);
+and one writer at a time holds a folder (a lock file next to it), so a second writer into the
+same folder is refused instead of deleting the first one's build.
 
 Everything goes through fsspec, so the same code runs on a local disk, NFS, or an object store
 (``s3://``, ``gs://``): on stores without rename, ``mv`` copies, and the manifest-last rule still
-makes the commit atomic from a reader's point of view.
+makes the commit atomic from a reader's point of view (there the manifest is written last, and
+the lock is not taken: object stores have no advisory locks).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -24,7 +33,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -40,6 +49,7 @@ __all__ = [
     "RunDir",
     "StageBuild",
     "StageDir",
+    "UnsafeOutputError",
     "atomic_write_bytes",
     "fingerprint",
     "sha256_file",
@@ -48,6 +58,7 @@ __all__ = [
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 _TMP_MARK = ".tmp-"
+_OWN_TMP = re.compile(r"\.tmp-[0-9a-f]{32}$")  # what a killed atomic_write_bytes leaves
 _CHUNK = 8 * 1024 * 1024
 _TRACKED_PACKAGES = (
     "deltamoe", "torch", "transformers", "tokenizers", "safetensors", "ray", "mlflow",
@@ -106,6 +117,86 @@ def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
         os.replace(tmp, path)  # atomic on POSIX, overwrites
     else:
         fs.mv(tmp, path)
+
+
+class UnsafeOutputError(FileExistsError):
+    """An output folder that must not be written: it overlaps an input, holds files this
+    project did not write, or another process is writing it. Bad input (exit 2), raised before
+    anything is deleted or written."""
+
+
+def _local_paths(node: Any) -> Iterator[str]:
+    """Every string in ``node`` (a stage's declared inputs) that names an existing local path,
+    resolved through symlinks."""
+    if isinstance(node, Mapping):
+        for value in node.values():
+            yield from _local_paths(value)
+    elif isinstance(node, list | tuple | set | frozenset):
+        for value in node:
+            yield from _local_paths(value)
+    elif isinstance(node, str | os.PathLike) and str(node) and "://" not in str(node):
+        if os.path.exists(node):
+            yield os.path.realpath(node)
+
+
+def check_not_an_input(output: str, inputs: Any) -> None:
+    """Refuse an output folder that is, contains or lies inside one of ``inputs``: committing
+    it would delete (or build inside) what the stage reads, e.g. ``--model w/model --out w``."""
+    out = os.path.realpath(output)
+    for inp in _local_paths(inputs):
+        if out == inp:
+            why = "is"
+        elif inp.startswith(out.rstrip(os.sep) + os.sep):
+            why = "contains"
+        elif out.startswith(inp.rstrip(os.sep) + os.sep):
+            why = "lies inside"
+        else:
+            continue
+        raise UnsafeOutputError(f"{output}: the output folder {why} the input {inp}; "
+                                "writing it would replace what it reads; choose another folder")
+
+
+@contextmanager
+def output_lock(path: str) -> Iterator[None]:
+    """Hold ``.<name>.lock`` next to the local folder ``path`` while a stage writes it.
+
+    ``flock`` is released by the kernel when its holder dies, so a lock left by a killed
+    process is simply taken; a live holder (any process, this one included) makes the second
+    writer fail at once, naming the holder's pid and host, instead of deleting its build.
+    """
+    parent, name = os.path.split(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    lock = os.path.join(parent, f".{name}.lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            try:
+                with open(lock, encoding="utf-8") as handle:
+                    holder = handle.read().strip() or "another process"
+            except OSError:
+                holder = "another process"
+            raise UnsafeOutputError(f"{path}: being written by {holder} (lock {lock}); wait "
+                                    "for it to finish or choose another folder") from None
+        try:  # the holder before us may have removed the file between our open and flock
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        yield
+    finally:
+        try:
+            os.unlink(lock)  # still holding it: a waiter re-checks the inode (above)
+        finally:
+            os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -235,27 +326,58 @@ class StageDir:
         return [OutputFile(f[len(root):].lstrip("/"), int(self.fs.size(f)), d)
                 for f, d in zip(files, digests, strict=True)]
 
+    def _refuse_unknown_files(self, refuse_foreign: bool) -> None:
+        """Refuse to replace a folder holding a file its manifest does not list (a user's), or,
+        with ``refuse_foreign`` (folders a user names with ``--out``), a non-empty folder
+        without a manifest. Inside a run folder a stage folder without a manifest is the
+        project's own interrupted build and is replaced."""
+        if not self.fs.isdir(self.path):
+            return
+        present = sorted(f[len(self.path):].lstrip("/") for f in self.fs.find(self.path))
+        if not present:
+            return
+        manifest = self.read_manifest()
+        if manifest is None:
+            if refuse_foreign:
+                raise UnsafeOutputError(f"{self.uri} exists, is not empty and was not written "
+                                        "by deltamoe; choose a new or empty folder")
+            return
+        listed = {o.path for o in manifest.outputs} | {MANIFEST}
+        extra = [p for p in present if p not in listed and not _OWN_TMP.search(p)]
+        if extra:
+            shown = ", ".join(extra[:10]) + (f" and {len(extra) - 10} more" if extra[10:] else "")
+            raise UnsafeOutputError(f"{self.uri} holds files deltamoe did not write (not in its "
+                                    f"{MANIFEST}): {shown}; move them away or choose another "
+                                    "folder")
+
     @contextmanager
     def build(self, stage_fingerprint: str, *, inputs: Mapping[str, Any] | None = None,
               config: Mapping[str, Any] | None = None,
               refuse_foreign: bool = False) -> Iterator[StageBuild]:
-        """Build the stage in a temporary sibling; commit it (rename, then manifest) on success.
+        """Build the stage in a temporary sibling; commit it by one rename on success.
 
         On any exception the temporary sibling is removed and the previous state of the stage is
-        left as it was, so nothing half-written ever looks complete. ``refuse_foreign`` is for
-        folders a user names (``--out``): a commit replaces the folder, so one that is not empty
-        and has no manifest (not written by this tool) is refused before anything is written.
+        left as it was, so nothing half-written ever looks complete. Before anything is written
+        the folder is checked: not one of the local paths in ``inputs`` (nor above or inside
+        one), no file in it that its manifest does not list, not being written by
+        another process (the lock is held until the commit); ``refuse_foreign`` is for folders a
+        user names (``--out``): one that is not empty and has no manifest is refused.
         """
-        if refuse_foreign and self.fs.isdir(self.path) and self.fs.ls(self.path) \
-                and self.read_manifest() is None:
-            raise FileExistsError(f"{self.uri} exists, is not empty and was not written by "
-                                  "deltamoe; choose a new or empty folder")
+        if self.is_local:
+            check_not_an_input(self.path, dict(inputs or {}))
+        with output_lock(self.path) if self.is_local else nullcontext():
+            self._refuse_unknown_files(refuse_foreign)
+            yield from self._build(stage_fingerprint, dict(inputs or {}), dict(config or {}))
+
+    def _build(self, stage_fingerprint: str, inputs: dict[str, Any],
+               config: dict[str, Any]) -> Iterator[StageBuild]:
         started = time.time()
         self._clean_stale()
         tmp = f"{self.path}{_TMP_MARK}{uuid.uuid4().hex}"
         self.fs.makedirs(tmp, exist_ok=True)
         local_dir = Path(tmp) if self.is_local else Path(tempfile.mkdtemp(prefix="deltamoe-"))
         work = StageBuild(path=local_dir, uri=self._uri_for(tmp))
+        aside = f"{self.path}{_TMP_MARK}old-{uuid.uuid4().hex}"
         try:
             yield work
             if not self.is_local:
@@ -264,20 +386,10 @@ class StageDir:
                     rel = local.relative_to(local_dir).as_posix()
                     self.fs.put_file(str(local), f"{tmp}/{rel}")
             outputs = self._list_outputs(tmp)
-            # Commit: the old manifest goes first, so the old folder can never pass for the
-            # new stage; then the folder is swapped; the new manifest is written last.
-            if self.fs.exists(self.manifest_path):
-                self.fs.rm(self.manifest_path)
-            if self.fs.exists(self.path):
-                self.fs.rm(self.path, recursive=True)
-            if self.is_local:
-                os.replace(tmp, self.path)
-            else:
-                self.fs.mv(tmp, self.path, recursive=True)
             finished = time.time()
             manifest = Manifest(
-                stage=self.name, fingerprint=stage_fingerprint, inputs=dict(inputs or {}),
-                config=dict(config or {}), outputs=outputs,
+                stage=self.name, fingerprint=stage_fingerprint, inputs=inputs, config=config,
+                outputs=outputs,
                 timings={
                     "started_at": datetime.fromtimestamp(started, UTC).isoformat(),
                     "finished_at": datetime.fromtimestamp(finished, UTC).isoformat(),
@@ -285,10 +397,29 @@ class StageDir:
                 },
                 versions=package_versions(), extra=work.extra, placement=placement(),
             )
-            atomic_write_bytes(self.fs, self.manifest_path, manifest.to_json().encode("utf-8"))
+            blob = manifest.to_json().encode("utf-8")
+            if self.is_local:
+                # Commit: the manifest is already inside the build, so the rename that puts the
+                # build in place is the commit; the old folder steps aside first (a rename too)
+                # and is deleted after. A kill anywhere leaves the old folder, only build
+                # siblings (the rerun deletes them and rebuilds), or the complete new folder.
+                atomic_write_bytes(self.fs, f"{tmp}/{MANIFEST}", blob)
+                if os.path.lexists(self.path):
+                    os.replace(self.path, aside)
+                os.replace(tmp, self.path)
+                shutil.rmtree(aside, ignore_errors=True)
+            else:  # no rename on object stores: the old manifest goes first, the new one last
+                if self.fs.exists(self.manifest_path):
+                    self.fs.rm(self.manifest_path)
+                if self.fs.exists(self.path):
+                    self.fs.rm(self.path, recursive=True)
+                self.fs.mv(tmp, self.path, recursive=True)
+                atomic_write_bytes(self.fs, self.manifest_path, blob)
         except BaseException:
             if self.fs.exists(tmp):
                 self.fs.rm(tmp, recursive=True)
+            if self.is_local and os.path.lexists(aside) and not os.path.lexists(self.path):
+                os.replace(aside, self.path)  # the failed commit puts the old folder back
             raise
         finally:
             if not self.is_local:
@@ -343,7 +474,7 @@ class RunDir:
         _, root = fsspec.core.url_to_fs(self.uri, **self.storage_options)
         for entry in sorted(self.fs.ls(root, detail=False)):
             name = entry.rstrip("/").rsplit("/", 1)[-1]
-            if _TMP_MARK in name:
+            if _TMP_MARK in name or name.startswith("."):  # builds, locks
                 continue
             manifest = self.stage(name).read_manifest()
             if manifest is not None:

@@ -88,7 +88,8 @@ def test_missing_required_section() -> None:
 def test_models_or_world_required() -> None:
     data = {k: v for k, v in MINIMAL.items() if k != "models"}
     assert _issues(data) == [
-        ("models", "required unless a synthetic `world` section makes the pair")]
+        ("models", "required unless a synthetic `world` section makes the pair (or, for the "
+                   "data stage alone, data.tokenizer is set)")]
 
 
 def test_env_interpolation(tmp_path: Path) -> None:

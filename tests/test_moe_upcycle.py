@@ -21,6 +21,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from components.cards import model_ref, read_card
 from components.moe.checkpoint import LazyCheckpoint, detect_layout, relayout
 from components.moe.families import UnsupportedArchitectureError
 from components.moe.upcycle import UpcycleError, UpcycleOptions, upcycle
@@ -71,7 +72,10 @@ def test_upcycled_logits_equal_dense(tmp_path: Path, family: str) -> None:
     acc = result.accounting
     assert acc.moe_parameters > acc.active_parameters > acc.dense_parameters
     assert acc.active_flops_per_token > acc.dense_flops_per_token
-    assert str(dense) in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert str(tmp_path) not in card  # no local paths in a card that travels with the model
+    assert read_card(out)["base_model"] == model_ref(dense) == f"{dense.parent.name}/{dense.name}"
+    assert read_card(out)["base_model_relation"] == "finetune"
 
 
 def test_router_and_experts_are_what_was_asked(tmp_path: Path) -> None:

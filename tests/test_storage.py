@@ -1,17 +1,20 @@
-"""Stage contract: atomic build, manifest last, skip on match, rerun after a crash."""
+"""Stage contract: atomic build (the manifest inside, one rename commits), skip on match,
+rerun after a crash or a kill at any point of the commit."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import fsspec
 import pytest
 
-from components.storage import MANIFEST, RunDir, StageDir, fingerprint
+from components.storage import MANIFEST, RunDir, StageBuild, StageDir, fingerprint
 
 
 def _write_outputs(folder: Path, payload: bytes = b"weights") -> None:
@@ -76,8 +79,9 @@ with stage.build("fp") as work:
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
     assert proc.returncode == 9
-    leftovers = [p.name for p in tmp_path.iterdir()]
-    assert len(leftovers) == 1 and leftovers[0].startswith("graft.tmp-")
+    leftovers = sorted(p.name for p in tmp_path.iterdir())
+    assert len(leftovers) == 2 and leftovers[1].startswith("graft.tmp-")
+    assert leftovers[0] == ".graft.lock"  # the dead holder's lock: the kernel released it
     stage = StageDir(str(tmp_path / "graft"))
     assert not stage.is_complete("fp")
     with stage.build("fp") as work:
@@ -86,8 +90,75 @@ with stage.build("fp") as work:
     assert stage.is_complete("fp")
 
 
+_KILL = """
+import os, sys
+from components.storage import StageDir
+calls, real = [0], os.replace
+def replace(src, dst):
+    calls[0] += 1
+    if calls[0] == {call} and {before}:
+        os._exit(9)
+    real(src, dst)
+    if calls[0] == {call}:
+        os._exit(9)
+os.replace = replace
+with StageDir({out!r}).build("new", refuse_foreign=True) as work:
+    (work.path / "model.safetensors").write_bytes(b"new weights")
+"""
+
+
+def _model(payload: bytes) -> Callable[[StageBuild], None]:
+    def build(work: StageBuild) -> None:
+        (work.path / "model.safetensors").write_bytes(payload)
+    return build
+
+
+# the commit's renames over an old version: the manifest into the build (1), the old folder
+# aside (2), the build into place (3); a hard kill before or after each
+@pytest.mark.parametrize(("call", "before"), [(1, True), (1, False), (2, False), (3, True),
+                                              (3, False)])
+def test_a_kill_at_any_point_of_the_commit_leaves_a_stage_the_rerun_accepts(
+        tmp_path: Path, call: int, before: bool) -> None:
+    out = tmp_path / "moe"
+    stage = StageDir(str(out))
+    stage.ensure("old", _model(b"old weights"), refuse_foreign=True)
+    script = _KILL.format(call=call, before=before, out=str(out))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert proc.returncode == 9, proc.stderr.decode()
+    if out.exists():  # the old folder or the new, each complete with its own manifest
+        manifest = stage.read_manifest()
+        assert manifest is not None and stage.is_complete(manifest.fingerprint)
+    _, built = stage.ensure("new", _model(b"new weights"), refuse_foreign=True)
+    assert built is ((call, before) != (3, False))  # the last rename was the commit
+    assert stage.is_complete("new", verify=True)
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "model.safetensors"]
+    assert (out / "model.safetensors").read_bytes() == b"new weights"
+
+
+def test_a_failed_commit_puts_the_old_folder_back(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "moe"
+    stage = StageDir(str(out))
+    stage.ensure("old", _model(b"old weights"), refuse_foreign=True)
+    real, failed = os.replace, []
+
+    def replace(src: str, dst: str) -> None:
+        if Path(dst) == out and not failed:  # the rename that commits the build
+            failed.append(src)
+            raise OSError(28, "No space left on device")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="No space"):
+        stage.ensure("new", _model(b"new weights"), refuse_foreign=True)
+    assert failed and ".tmp-" in failed[0]
+    assert stage.is_complete("old", verify=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moe"]
+
+
 def test_folder_without_manifest_is_redone(tmp_path: Path) -> None:
-    """Crash between the rename and the manifest: the folder exists but is not complete."""
+    """A stage folder without a manifest inside a run (an older version's interrupted commit)
+    is not complete and is rebuilt."""
     final = tmp_path / "eval"
     final.mkdir()
     (final / "stale.json").write_text("{}")

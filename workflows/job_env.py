@@ -26,6 +26,8 @@ from typing import Any
 import yaml
 
 from components.config import ENV_PATTERN, SECRET_KEY, SECRET_MASK, ConfigError
+from components.config.loading import parse_yaml
+from components.config.names import secret_variable
 
 __all__ = ["PROJECT_ROOT", "RUNTIME_ENV_FILE", "JobEnv", "SubmitError", "excluded", "job_env",
            "masked", "placeholder_in", "strip_userinfo"]
@@ -73,7 +75,8 @@ def masked(runtime_env: Mapping[str, Any], secret_names: frozenset[str] = frozen
     """The runtime env with secret env values hidden (secret-looking names, and variables a
     secret config field reads) and credentials stripped from URIs, for printing."""
     out = dict(runtime_env)
-    out["env_vars"] = {k: (SECRET_MASK if SECRET_KEY.search(k) or k in secret_names
+    out["env_vars"] = {k: (SECRET_MASK if SECRET_KEY.search(k) or secret_variable(k)
+                           or k in secret_names
                            else strip_userinfo(str(v)))
                        for k, v in (runtime_env.get("env_vars") or {}).items()}
     return out
@@ -97,9 +100,9 @@ def config_variables(config: Path, overrides: Mapping[str, Any]) -> dict[str, li
     """The variables the config file and its overrides read, with the keys that read them
     (empty when the file cannot be read: loading it reports why)."""
     found: dict[str, list[str]] = {}
-    try:
-        _variables(yaml.safe_load(config.read_text(encoding="utf-8")), "", found)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+    try:  # bounded like load_config: an alias bomb is refused there, not walked here
+        _variables(parse_yaml(config.read_text(encoding="utf-8"), str(config))[0], "", found)
+    except (OSError, UnicodeDecodeError, ConfigError):
         return found
     for key, value in overrides.items():
         _variables(value, key, found)
@@ -173,7 +176,8 @@ def job_env(config: Path, overrides: Mapping[str, Any], *, env: Mapping[str, str
         data.pop("pip", None)
     variables = config_variables(config, overrides)
     secret = frozenset(v for v, paths in variables.items()
-                       if SECRET_KEY.search(v) or any(SECRET_KEY.search(p) for p in paths))
+                       if SECRET_KEY.search(v) or secret_variable(v)
+                       or any(SECRET_KEY.search(p) or "storage_options" in p for p in paths))
     storage = [v for v, paths in variables.items() if "storage.root" in paths]
     unsent = frozenset(n for n in env if n not in env_vars)
     return JobEnv(data, dict(env_vars), from_cluster, unsent, secret, storage)

@@ -45,7 +45,8 @@ def base_model_dir(cfg: RunConfig, run_dir: RunDir) -> Path:
         token = cfg.models.hf_token.get_secret_value() if cfg.models.hf_token else None
         return Path(snapshot_download(cfg.models.base, revision=cfg.models.revision, token=token,
                                       allow_patterns=["*.json", "*.safetensors", "*.jinja",
-                                                      "tokenizer*", "*.txt", "*.model"]))
+                                                      "tokenizer*", "*.txt", "*.model",
+                                                      "README.md"]))  # card: licence
     local = run_dir.local_path
     if local is None:
         raise FileNotFoundError("a world run needs a local run directory")

@@ -13,12 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from components.moe.families import PROJECTIONS, dense_ffn_key, tensor_role
+from components.moe.families import PROJECTIONS, VOCAB_KEYS, dense_ffn_key, tensor_role
 
 Kind = Literal["same", "expert", "fused_gate_up", "fused_down", "none"]
 Family = Literal["attention", "mlp", "norm", "embed", "lm_head"]
-
-VOCAB_KEYS = ("model.embed_tokens.weight", "lm_head.weight")
+__all__ = ["VOCAB_KEYS", "Family", "Kind", "Source", "family_of", "source_for"]
 
 
 @dataclass(frozen=True)
@@ -37,7 +36,8 @@ def source_for(key: str) -> Source:
         return Source("none")
     assert role.layer is not None and role.proj is not None
     if role.kind == "expert":
-        return Source("expert", (dense_ffn_key(role.layer, role.proj),), role.expert)
+        param = "bias" if role.bias else "weight"
+        return Source("expert", (dense_ffn_key(role.layer, role.proj, param),), role.expert)
     if role.proj == "gate_up":
         return Source("fused_gate_up", tuple(dense_ffn_key(role.layer, p)
                                              for p in PROJECTIONS[:2]))

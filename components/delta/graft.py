@@ -16,13 +16,24 @@ import json
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from components.delta.expand import VOCAB_KEYS, Source, family_of, source_for
-from components.delta.methods import METHODS, Method, get_method
+from components.cards import clean_title, model_ref, portable, write_card
+from components.delta.checks import (
+    GraftError,
+    GraftInputs,
+    check_architectures,
+    check_expert_scales,
+    check_scales,
+    check_target_keys,
+    check_tensors,
+    model_config,
+    parse_size,  # noqa: F401  (the CLI and the stage import it from here)
+)
+from components.delta.expand import VOCAB_KEYS, family_of, source_for
+from components.delta.methods import Method, get_method
 from components.moe.checkpoint import (
     SIDE_FILES,
     CheckpointError,
@@ -32,14 +43,8 @@ from components.moe.checkpoint import (
     commit_shards,
     split_layers,
 )
-from components.moe.families import family_for
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_FLOAT_HEADERS = {"F32", "F16", "BF16", "F64"}
-
-
-class GraftError(ValueError):
-    """Inputs that cannot be grafted: the message names the model, tensor or option."""
 
 
 @dataclass(frozen=True)
@@ -55,17 +60,17 @@ class GraftOptions:
     max_shard_bytes: int = 2 * 1024**3
     workers: int = 1  # > 1: Ray tasks on the current (or a new local) Ray instance
 
+    def __post_init__(self) -> None:
+        check_scales(self.scale, self.expert_scales, self.family_scales)
+        if isinstance(self.max_shard_bytes, bool) or not isinstance(self.max_shard_bytes, int) \
+                or self.max_shard_bytes < 1:
+            raise GraftError(f"max_shard_bytes: expected a positive integer, got "
+                             f"{self.max_shard_bytes!r}")
+
     def resolved_method(self) -> Method:
         """The registry's method with the ``sparsify`` override applied: the one object the
         graft consults for anchor, deltas and combine."""
         return get_method(self.method).with_sparsify(self.sparsify)
-
-
-@dataclass(frozen=True)
-class GraftInputs:
-    base: str
-    post: str
-    target: str
 
 
 @dataclass(frozen=True)
@@ -77,120 +82,6 @@ class GraftResult:
     bytes: int
     units: int
     vocab_rows: int
-
-
-# --- checks ---------------------------------------------------------------------------------
-
-
-def _config(path: str, role: str) -> dict[str, Any]:
-    try:
-        return json.loads((Path(path) / "config.json").read_text())
-    except FileNotFoundError:
-        raise GraftError(f"{role} {path}: no config.json (not a Hugging Face model directory)"
-                         ) from None
-    except ValueError as err:
-        raise GraftError(f"{role} {path}/config.json: not JSON ({err})") from None
-
-
-def _dense_type(config: dict[str, Any]) -> str:
-    return str(config.get("base_model_type") or config.get("model_type"))
-
-
-def check_architectures(inputs: GraftInputs, method: Method) -> None:
-    """Base and post are the same dense architecture; the target is that architecture (dense
-    methods) or its upcycled MoE (DeltaMoE)."""
-    base, post, target = (_config(p, r) for p, r in ((inputs.base, "base"), (inputs.post, "post"),
-                                                      (inputs.target, "target")))
-    if base.get("model_type") != post.get("model_type"):
-        raise GraftError(f"architecture mismatch: base is {base.get('model_type')!r}, post is "
-                         f"{post.get('model_type')!r}")
-    for key in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads"):
-        if base.get(key) != post.get(key):
-            raise GraftError(f"architecture mismatch: {key} is {base.get(key)} in base, "
-                             f"{post.get(key)} in post")
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
-        if target.get(key) != base.get(key):
-            raise GraftError(f"architecture mismatch: {key} is {base.get(key)} in base, "
-                             f"{target.get(key)} in target")
-    dense = str(base.get("model_type"))
-    target_type = str(target.get("model_type"))
-    if target_type == dense:
-        if method.moe_target:
-            dense_methods = ", ".join(m.name for m in METHODS.values() if not m.moe_target)
-            raise GraftError(f"target {inputs.target} is the dense {dense!r}: method "
-                             f"{method.name} grafts onto the CPT-trained MoE (for a dense "
-                             f"target use {dense_methods})")
-        return
-    moe_types = {family_for(dense).moe_type, "deltamoe"} if method.moe_target else set()
-    if target_type not in moe_types or _dense_type(target) not in (dense, target_type):
-        expected = " or ".join(sorted({dense, *moe_types}))
-        raise GraftError(f"target model_type {target_type!r} does not fit base {dense!r} for "
-                         f"method {method.name} (expected {expected})")
-
-
-def check_tensors(base: LazyCheckpoint, post: LazyCheckpoint, target: LazyCheckpoint,
-                  method: Method) -> int:
-    """Per-tensor shape/dtype compatibility from headers; returns the output vocabulary rows."""
-    if set(base.keys()) != set(post.keys()):
-        only = sorted(set(base.keys()) ^ set(post.keys()))[:3]
-        raise GraftError(f"base and post hold different tensors (e.g. {', '.join(only)}): not "
-                         "the same architecture")
-    rows = {}
-    for key in base.keys():
-        (b_shape, b_dtype), (p_shape, p_dtype) = base.meta(key), post.meta(key)
-        for name, dtype in (("base", b_dtype), ("post", p_dtype)):
-            if dtype not in _FLOAT_HEADERS:
-                raise GraftError(f"{name} tensor {key}: dtype {dtype} is not floating point")
-        if b_dtype != p_dtype:
-            raise GraftError(f"tensor {key}: dtype {b_dtype} in base, {p_dtype} in post")
-        if key in VOCAB_KEYS:
-            if b_shape[1:] != p_shape[1:] or p_shape[0] < b_shape[0]:
-                raise GraftError(f"vocabulary mismatch in {key}: base {list(b_shape)}, post "
-                                 f"{list(p_shape)} (post may only add rows)")
-            rows[key] = (b_shape[0], p_shape[0])
-        elif b_shape != p_shape:
-            raise GraftError(f"shape mismatch in {key}: base {list(b_shape)}, post "
-                             f"{list(p_shape)}")
-    out_rows = 0
-    for key in target.keys():
-        source = source_for(key)
-        t_shape, t_dtype = target.meta(key)
-        if t_dtype not in _FLOAT_HEADERS:
-            raise GraftError(f"target tensor {key}: dtype {t_dtype} is not floating point")
-        if source.kind == "none":
-            continue
-        if source.kind != "same" and not method.moe_target:
-            raise GraftError(f"target tensor {key} is an MoE expert, but method {method.name} "
-                             "grafts onto dense targets only")
-        missing = [k for k in source.dense_keys if k not in base]
-        if missing:
-            raise GraftError(f"target tensor {key} needs {missing[0]}, which base and post lack")
-        dense_shapes = [base.meta(k)[0] for k in source.dense_keys]
-        if key in VOCAB_KEYS:
-            nb, np_ = rows[key]
-            if t_shape[1:] != dense_shapes[0][1:] or t_shape[0] < nb:
-                raise GraftError(f"vocabulary mismatch in {key}: target {list(t_shape)}, base "
-                                 f"{list(dense_shapes[0])}")
-            if t_shape[0] > nb and np_ > nb:
-                raise GraftError(f"{key}: both post ({np_} rows) and target ({t_shape[0]} rows) "
-                                 f"extend the base vocabulary ({nb} rows); cannot merge the "
-                                 "added rows")
-            out_rows = max(out_rows, t_shape[0], np_)
-            continue
-        expected = _expected_shape(source, dense_shapes, t_shape)
-        if tuple(t_shape) != expected:
-            raise GraftError(f"shape mismatch in {key}: target {list(t_shape)}, expected "
-                             f"{list(expected)} from {', '.join(source.dense_keys)}")
-    return out_rows
-
-
-def _expected_shape(source: Source, dense: list[tuple[int, ...]],
-                    target: tuple[int, ...]) -> tuple[int, ...]:
-    if source.kind == "fused_gate_up":
-        return (target[0], dense[0][0] + dense[1][0], *dense[0][1:])
-    if source.kind == "fused_down":
-        return (target[0], *dense[0])
-    return tuple(dense[0])
 
 
 # --- one unit of work -------------------------------------------------------------------------
@@ -420,6 +311,8 @@ def graft(inputs: GraftInputs, out_dir: str | Path, options: GraftOptions) -> Gr
         with LazyCheckpoint(inputs.base) as base, LazyCheckpoint(inputs.post) as post, \
                 LazyCheckpoint(inputs.target) as target:
             rows = check_tensors(base, post, target, method)
+            check_expert_scales(options.expert_scales, check_target_keys(base, target, method),
+                                method)
             units = list(enumerate(keys for _, keys in split_layers(target.keys()) if keys))
     except CheckpointError as err:
         raise GraftError(str(err)) from None
@@ -444,7 +337,7 @@ def _finish_directory(inputs: GraftInputs, out: Path, method: Method, options: G
                       rows: int) -> None:
     """Config from the target (vocabulary resized), tokenizer, chat template and generation
     config from post, the target's allocation, a model card with lineage and the formula."""
-    config = _config(inputs.target, "target")
+    config = model_config(inputs.target, "target")
     if rows:
         config["vocab_size"] = rows
     if options.dtype != "auto":
@@ -455,23 +348,15 @@ def _finish_directory(inputs: GraftInputs, out: Path, method: Method, options: G
             shutil.copy2(Path(inputs.post) / name, out / name)
     if (Path(inputs.target) / "allocation.json").exists():
         shutil.copy2(Path(inputs.target) / "allocation.json", out / "allocation.json")
-    lineage = {**asdict(inputs), "options": asdict(options), "formula": method.formula}
-    (out / "README.md").write_text(
-        "---\nlibrary_name: transformers\ntags: [deltamoe, graft]\n---\n"
-        f"# {method.name} graft\n\n`{method.formula}`\n\n"
-        f"- base: `{inputs.base}`\n- post: `{inputs.post}`\n- target: `{inputs.target}`\n"
+    lineage = portable({**asdict(inputs), "options": asdict(options), "formula": method.formula})
+    refs = [model_ref(m) for m in (inputs.base, inputs.post, inputs.target)]
+    write_card(
+        out, f"{clean_title(out.name)} ({method.name} graft)",
+        f"`{method.formula}`\n\n"
+        f"- base: `{refs[0]}`\n- post: `{refs[1]}`\n- target: `{refs[2]}`\n"
         f"- scale λ = {options.scale}, sparsify = {method.sparsify}, "
         f"density = {options.density}, seed = {options.seed}\n\n"
         "Tokenizer, chat template and generation config are the post-trained model's.\n\n"
-        f"```json\n{json.dumps(lineage, indent=2)}\n```\n")
-
-
-def parse_size(text: str) -> int:
-    """``2GB`` / ``500MiB`` → bytes (decimal for KB/MB/GB, binary for KiB/MiB/GiB)."""
-    units = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
-             "GIB": 2**30}
-    number = text.strip().upper().rstrip("BIKMG")
-    unit = text.strip().upper()[len(number):].strip() or "B"
-    if unit not in units:
-        raise GraftError(f"size {text!r}: expected a number with B, KB, MB, GB, KiB, MiB or GiB")
-    return int(float(number) * units[unit])
+        f"```json\n{json.dumps(lineage, indent=2)}\n```\n",
+        base_model=[inputs.base, inputs.post], relation="merge",
+        inputs=[inputs.post, inputs.base, inputs.target], tags=["graft", method.name])

@@ -22,7 +22,6 @@ compared exactly.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,6 +31,7 @@ from safetensors import safe_open
 
 from components.delta.graft import GraftError, GraftInputs, GraftOptions
 from components.delta.methods import METHODS, tensor_seed
+from components.moe.checkpoint import index_files
 
 
 class _Files:
@@ -40,9 +40,8 @@ class _Files:
     def __init__(self, model_dir: str | Path) -> None:
         model_dir = Path(model_dir)
         index = model_dir / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {key: model_dir / name for key, name in weight_map.items()}
+        if index.exists():  # shard paths checked to stay inside the model folder
+            self.files = index_files(model_dir)
         else:
             single = model_dir / "model.safetensors"
             with safe_open(single, "pt") as handle:

@@ -14,6 +14,7 @@ is :func:`components.moe.families.tensor_role`'s answer, never a pattern of this
 from __future__ import annotations
 
 import json
+import os
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -52,21 +53,106 @@ class CheckpointError(ValueError):
     """A model directory that cannot be read or written: the message names the file or key."""
 
 
+# what every reader of a dense or MoE config needs before it touches a tensor
+REQUIRED_CONFIG = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                   "intermediate_size", "vocab_size")
+
+
+def read_config(model_dir: str | Path, role: str = "model") -> dict[str, Any]:
+    """``config.json`` of a model directory as a dict, or one :class:`CheckpointError` naming the
+    file and what is wrong (absent, not JSON, not an object, a required field missing or not a
+    positive integer): a broken config must not surface as a ``KeyError`` deep in a stage."""
+    path = Path(model_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{role} {model_dir}: no config.json (not a Hugging Face model "
+                              "directory)") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{role} {path}: not JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{role} {path}: expected a JSON object, got "
+                              f"{type(config).__name__}")
+    missing = [k for k in REQUIRED_CONFIG if k not in config]
+    if missing:
+        raise CheckpointError(f"{role} {path}: missing required field(s) {', '.join(missing)}")
+    if not isinstance(config["model_type"], str):
+        raise CheckpointError(f"{role} {path}: model_type must be a string, got "
+                              f"{config['model_type']!r}")
+    for key in REQUIRED_CONFIG[1:]:
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise CheckpointError(f"{role} {path}: {key} must be a positive integer, got "
+                                  f"{value!r}")
+    return config
+
+
+def index_files(model_dir: str | Path) -> dict[str, Path]:
+    """Tensor name → shard file from ``model.safetensors.index.json``, every shard checked to lie
+    inside ``model_dir``: an index naming ``../elsewhere.safetensors`` or an absolute path would
+    otherwise make a stage read (and record as its input) a file outside the model folder."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise ValueError("weight_map is not an object")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{index}: not a safetensors index ({err})") from None
+    files: dict[str, Path] = {}
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not name:
+            raise CheckpointError(f"{index}: tensor {key} maps to {name!r}, not a file name")
+        # judged by the name, not by resolving it: a hub snapshot's shards are symlinks into
+        # the cache's blob folder, which is the user's layout, not the index's doing
+        normal = os.path.normpath(name)
+        if os.path.isabs(name) or normal in (".", "..") or normal.startswith(f"..{os.sep}"):
+            raise CheckpointError(f"{index}: shard {name!r} of tensor {key} lies outside the "
+                                  f"model folder {model_dir}")
+        files[key] = model_dir / normal
+    return files
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the OS says it (Linux), so a writer
+    thread never sees the transient 0 of the ``os.umask`` round trip."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str | Path) -> None:
+    """Give a file written by safetensors (always 0600) the mode every other output gets, 0666
+    less the umask, so a serving process under another uid can read the shards."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """One safetensors file with the umask's mode: the only way this package writes weights."""
+    save_file(tensors, path, metadata={"format": "pt"})
+    follow_umask(path)
+
+
 class LazyCheckpoint:
-    """Tensor names → file, over a single ``model.safetensors`` or a sharded index."""
+    """Tensor names → file, over a single ``model.safetensors`` or a sharded index (``source``:
+    the index or the single file, which error messages name)."""
 
     def __init__(self, model_dir: str | Path) -> None:
         model_dir = Path(model_dir)
         index = model_dir / "model.safetensors.index.json"
         single = model_dir / "model.safetensors"
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as err:
-                raise CheckpointError(f"{index}: not a safetensors index ({err})") from None
-            self.files = {k: model_dir / v for k, v in weight_map.items()}
+            self.files = index_files(model_dir)
+            self.source = index
         elif single.exists():
             self.files = {k: single for k in self._keys(single)}
+            self.source = single
         else:
             raise CheckpointError(f"{model_dir}: no model.safetensors or "
                                   "model.safetensors.index.json (pickle checkpoints are not read)")
@@ -161,8 +247,7 @@ class ShardWriter:
     def _flush(self) -> None:
         self._wait()
         name = f"{self.prefix}-{len(self.written) + 1:05d}.tmp.safetensors"
-        self._inflight = self._io.submit(save_file, self.pending, self.out_dir / name,
-                                         metadata={"format": "pt"})
+        self._inflight = self._io.submit(save_shard, self.pending, self.out_dir / name)
         self.written.append((name, list(self.pending), self.pending_bytes))
         self.pending, self.pending_bytes = {}, 0
 
@@ -266,7 +351,7 @@ def read_experts(ckpt: LazyCheckpoint, keys: list[str]
         if role.kind == "fused_experts":
             assert role.block is not None
             fused.setdefault(role.block, {})[key.rsplit(".", 1)[1]] = ckpt.get(key)
-        elif role.kind == "expert":
+        elif role.kind == "expert" and not role.bias:  # weights only (biases: the own class's)
             assert role.block is not None and role.proj is not None and role.expert is not None
             projections = blocks.setdefault(role.block, {p: {} for p in PROJECTIONS})
             projections[role.proj][role.expert] = ckpt.get(key)
@@ -320,7 +405,7 @@ def relayout(src: str | Path, dst: str | Path, layout: Layout,
     (``deltamoe``) and dense models are refused, naming the model type.
     """
     src, dst = Path(src), Path(dst)
-    config = json.loads((src / "config.json").read_text())
+    config = read_config(src)
     family = next((f for f in FAMILIES if f.moe_type == config.get("model_type")), None)
     if family is None:
         raise CheckpointError(f"{src}: model_type {config.get('model_type')!r} has no fused "

@@ -29,7 +29,12 @@ DENSE_PREFIX = "mlp"  # the FFN module of a dense decoder layer (every dense fam
 FUSED_PREFIX = "mlp"  # where transformers 5 keeps an MoE block in memory, and its fused keys
 FUSED_EXPERTS = ("gate_up_proj", "down_proj")  # [E, 2I, H] (gate rows, then up) and [E, H, I]
 OWN_MOE_TYPE = "deltamoe"  # the package's own MoE class (components.moe.modeling)
+# dense config fields an upcycled config never copies: the class it names, and ``auto_map``,
+# whose remote code would describe the dense model, not the MoE
+DROPPED_CONFIG = ("architectures", "model_type", "auto_map")
+LEGACY_ROPE = ("rope_scaling", "rope_theta")  # transformers 4 rotary fields
 LAYER_PREFIX = "model.layers."
+VOCAB_KEYS = ("model.embed_tokens.weight", "lm_head.weight")  # rows = vocabulary size
 
 Projection = Literal["gate", "up", "down", "gate_up"]
 PROJECTIONS: tuple[Projection, Projection, Projection] = ("gate", "up", "down")
@@ -47,6 +52,7 @@ class BlockNaming:
     expert_names: tuple[str, str, str] | None
     shared_expert: bool = False  # Qwen2-MoE: shared_expert.* and shared_expert_gate
     classifier: bool = False  # the package's LayerMoE classifier
+    expert_bias: bool = False  # experts.<e>.<name>.bias (the own class over a Llama mlp_bias)
 
 
 @dataclass(frozen=True)
@@ -73,9 +79,19 @@ class Family:
                 BlockNaming(FUSED_PREFIX, None, self.has_shared_expert))
 
     def moe_config(self, dense: dict[str, Any], num_experts: int, top_k: int,
-                   moe_layers: list[int]) -> dict[str, Any]:
-        """The MoE config.json from the dense one: same shapes, experts of the dense FFN size."""
-        cfg = {k: v for k, v in dense.items() if k not in ("architectures", "model_type")}
+                   moe_layers: list[int], fields: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
+        """The MoE config.json from the dense one: same shapes, experts of the dense FFN size.
+
+        ``fields`` (:func:`components.moe.compat.standard_fields`) override what the MoE class
+        would read differently (windows, biases, rotary parameters); legacy rope fields are
+        dropped with them, because a ``rope_scaling`` would win over ``rope_parameters``.
+        """
+        cfg = {k: v for k, v in dense.items() if k not in DROPPED_CONFIG}
+        if fields:
+            for key in LEGACY_ROPE:
+                cfg.pop(key, None)
+            cfg.update(fields)
         cfg["architectures"] = [self.architecture]
         cfg["model_type"] = self.moe_type
         layers = int(dense["num_hidden_layers"])
@@ -105,7 +121,7 @@ FAMILIES: tuple[Family, ...] = (
 DENSE_TYPES: tuple[str, ...] = tuple(t for family in FAMILIES for t in family.dense_types)
 # the package's own class: the dense family's MLP class as experts under ``mlp``, per-expert in
 # memory and on disk, a router and an optional classifier beside them
-OWN_CLASS = BlockNaming(DENSE_PREFIX, DENSE_FFN, classifier=True)
+OWN_CLASS = BlockNaming(DENSE_PREFIX, DENSE_FFN, classifier=True, expert_bias=True)
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -138,9 +154,9 @@ class TensorRole:
     ``shared``: attention, norms, embeddings, head and dense-layer FFNs (``part`` says which, the
     groups per-family graft scales use). ``router``, ``classifier`` and ``shared_expert`` (a
     Qwen2-MoE's shared expert and its gate) exist only in the MoE. ``expert``: one projection
-    (``proj`` gate/up/down) of expert ``expert``; ``fused_experts``: all experts' ``gate_up`` or
-    ``down`` in one tensor. MoE roles carry ``block``, the MoE block's key prefix
-    (``model.layers.3.block_sparse_moe``).
+    (``proj`` gate/up/down) of expert ``expert``, its weight or (``bias``) its bias;
+    ``fused_experts``: all experts' ``gate_up`` or ``down`` in one tensor. MoE roles carry
+    ``block``, the MoE block's key prefix (``model.layers.3.block_sparse_moe``).
     """
 
     kind: RoleKind
@@ -149,6 +165,7 @@ class TensorRole:
     expert: int | None = None
     proj: Projection | None = None
     part: SharedPart | None = None
+    bias: bool = False
 
     @property
     def is_expert(self) -> bool:
@@ -156,9 +173,10 @@ class TensorRole:
         return self.kind in ("expert", "fused_experts")
 
 
-def dense_ffn_key(layer: int, proj: Projection) -> str:
-    """The dense model's FFN weight of ``layer`` for projection gate, up or down."""
-    return f"{LAYER_PREFIX}{layer}.{DENSE_PREFIX}.{DENSE_FFN[PROJECTIONS.index(proj)]}.weight"
+def dense_ffn_key(layer: int, proj: Projection, param: str = "weight") -> str:
+    """The dense model's FFN weight (or ``param="bias"``) of ``layer`` for projection gate, up
+    or down."""
+    return f"{LAYER_PREFIX}{layer}.{DENSE_PREFIX}.{DENSE_FFN[PROJECTIONS.index(proj)]}.{param}"
 
 
 def namings() -> tuple[BlockNaming, ...]:
@@ -186,7 +204,8 @@ class _Rule:
         return TensorRole(self.kind, None if layer is None else int(layer),
                           match.string[:match.end("block")] if "block" in groups else None,
                           None if expert is None else int(expert),
-                          self.proj[groups["name"]] if self.proj else None, self.part)
+                          self.proj[groups["name"]] if self.proj else None, self.part,
+                          groups.get("param") == "bias")
 
 
 @cache
@@ -199,11 +218,15 @@ def _rules() -> tuple[_Rule, ...]:
         return rf"{layer}(?P<block>{_alternatives(n.prefix for n in which)})\."
 
     rules = []
-    per_expert = {(n.prefix, n.expert_names): n for n in every if n.expert_names is not None}
-    for naming in per_expert.values():
-        names = dict(zip(naming.expert_names or (), PROJECTIONS, strict=True))
-        rules.append(_Rule(re.compile(rf"{block([naming])}experts\.(?P<expert>\d+)\."
-                                      rf"(?P<name>{_alternatives(names)})\.weight$"),
+    per_expert: dict[tuple[str, tuple[str, str, str] | None], list[BlockNaming]] = {}
+    for naming in every:
+        if naming.expert_names is not None:
+            per_expert.setdefault((naming.prefix, naming.expert_names), []).append(naming)
+    for same in per_expert.values():
+        names = dict(zip(same[0].expert_names or (), PROJECTIONS, strict=True))
+        param = "weight|bias" if any(n.expert_bias for n in same) else "weight"
+        rules.append(_Rule(re.compile(rf"{block(same[:1])}experts\.(?P<expert>\d+)\."
+                                      rf"(?P<name>{_alternatives(names)})\.(?P<param>{param})$"),
                            "expert", names))
     fused = [n for n in every if n.expert_names is None]
     rules.append(_Rule(re.compile(rf"{block(fused)}experts\.(?P<name>"

@@ -8,8 +8,10 @@ an 8B or 70B model upcycles on a machine with far less RAM than the model; tenso
 with ``safe_open``, never through pickle.
 
 The output is a standard transformers MoE (Mixtral, Qwen2-MoE, Qwen3-MoE) in the declared layout
-when one can express the plan, otherwise the package's own ``deltamoe`` class (dense layers in a
-Mixtral, per-layer expert counts, router classifiers: LayerMoE).
+when one can express the plan and every feature of the dense config
+(:mod:`components.moe.compat`: biases, windows, rotary parameters), otherwise the package's own
+``deltamoe`` class (dense layers in a Mixtral, per-layer expert counts, router classifiers:
+LayerMoE; a Llama with attention or FFN biases, whose experts then keep the FFN biases).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from components.cards import portable, write_card
 from components.languages import UnknownLanguageError, canonical_tag
 from components.moe.accounting import Accounting, account
 from components.moe.checkpoint import (
@@ -31,10 +34,23 @@ from components.moe.checkpoint import (
     LazyCheckpoint,
     ShardWriter,
     all_finite,
+    read_config,
     split_layers,
     write_experts,
 )
-from components.moe.families import DENSE_FFN, Family, family_for
+from components.moe.compat import (
+    IncompatibleConfigError,
+    check_output_keys,
+    standard_fields,
+    standard_gaps,
+)
+from components.moe.families import (
+    DENSE_FFN,
+    DROPPED_CONFIG,
+    VOCAB_KEYS,
+    Family,
+    family_for,
+)
 from components.moe.modeling import MODEL_TYPE as OWN_TYPE
 
 ALLOCATION_FILE = "allocation.json"
@@ -123,12 +139,13 @@ def plan_layers(dense_cfg: dict[str, Any], options: UpcycleOptions) -> _Plan:
     if options.layout not in ("per_expert", "fused"):
         raise UpcycleError(f"layout {options.layout!r}: expected per_expert or fused")
     moe = [c for c in counts if c]
-    standard = (len(set(moe)) == 1 and not options.classifier_layers
+    gaps = standard_gaps(family, dense_cfg)
+    standard = (len(set(moe)) == 1 and not options.classifier_layers and not gaps
                 and (len(moe) == n_layers or family.supports_dense_layers))
     if not standard and options.layout == "fused":
-        raise UpcycleError("layout: fused is written for the standard MoE classes only; this "
-                           f"plan (experts per layer {counts}) needs the deltamoe class, which "
-                           "is written per_expert")
+        why = "; ".join(gaps) or f"experts per layer {counts}"
+        raise UpcycleError(f"layout: fused is written for the standard MoE classes only; this "
+                           f"plan ({why}) needs the deltamoe class, which is written per_expert")
     _check_allocation(options, widest)
     return _Plan(family, counts, own_class=not standard)
 
@@ -168,10 +185,12 @@ def _router(options: UpcycleOptions, experts: int, hidden: int,
     return weight
 
 
-def _moe_block(plan: _Plan, layer: int, ffn: dict[str, torch.Tensor], options: UpcycleOptions,
+def _moe_block(plan: _Plan, layer: int, ffn: dict[str, torch.Tensor],
+               ffn_bias: dict[str, torch.Tensor], options: UpcycleOptions,
                generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """All tensors of one upcycled FFN: experts (anchor exact, others optionally noised), the
-    router, and the classifier or zeroed shared expert where the plan has them."""
+    """All tensors of one upcycled FFN: experts (anchor exact, others optionally noised; FFN
+    biases copied exactly into every expert), the router, and the classifier or zeroed shared
+    expert where the plan has them."""
     experts = plan.counts[layer]
     dtype = ffn["down_proj"].dtype
     copies: dict[str, list[torch.Tensor]] = {p: [] for p in DENSE_FFN}
@@ -189,6 +208,9 @@ def _moe_block(plan: _Plan, layer: int, ffn: dict[str, torch.Tensor], options: U
         block, names = plan.family.block(layer, fused), plan.family.expert_names
     out = write_experts(block, copies["gate_proj"], copies["up_proj"], copies["down_proj"],
                         "fused" if fused else "per_expert", names)
+    for expert in range(experts):  # only the own class gets here with biases (its experts are
+        for proj, bias in ffn_bias.items():  # the dense family's MLP modules)
+            out[f"{block}.experts.{expert}.{proj}.bias"] = bias.clone() if expert else bias
     hidden = ffn["down_proj"].shape[0]
     out[f"{block}.gate.weight"] = _router(options, experts, hidden, generator).to(dtype)
     if plan.own_class and layer in options.classifier_layers:
@@ -207,20 +229,24 @@ def upcycle(model_dir: str | Path, out_dir: str | Path, options: UpcycleOptions)
     (an empty folder the caller commits atomically)."""
     src, dst = Path(model_dir), Path(out_dir)
     try:
-        dense_cfg = json.loads((src / "config.json").read_text())
-    except FileNotFoundError:
-        raise UpcycleError(f"{src}: no config.json (not a Hugging Face model directory)") from None
-    plan = plan_layers(dense_cfg, options)
-    try:
+        dense_cfg = read_config(src)
+        plan = plan_layers(dense_cfg, options)
+        out_cfg = _output_config(dense_cfg, plan, options)
         ckpt = LazyCheckpoint(src)
-    except CheckpointError as err:
+    except (CheckpointError, IncompatibleConfigError) as err:
         raise UpcycleError(str(err)) from None
+    try:
+        _check_inputs(ckpt, dense_cfg, out_cfg)
+    except BaseException:
+        ckpt.close()
+        raise
     generator = torch.Generator().manual_seed(options.seed)
     writer = ShardWriter(dst, options.max_shard_bytes)
     dense = total = active = embedding = 0
     try:
         for layer, keys in tqdm(split_layers(ckpt.keys()), desc="upcycle", unit="layer"):
             ffn: dict[str, torch.Tensor] = {}
+            ffn_bias: dict[str, torch.Tensor] = {}  # mlp_bias: the own class's experts keep them
             for key in keys:
                 tensor = ckpt.get(key)
                 if not all_finite(tensor):
@@ -229,19 +255,26 @@ def upcycle(model_dir: str | Path, out_dir: str | Path, options: UpcycleOptions)
                 if key == "model.embed_tokens.weight":
                     embedding = tensor.numel()
                 proj = next((p for p in DENSE_FFN if key.endswith(f".mlp.{p}.weight")), None)
-                if layer is None or not plan.counts[layer] or proj is None:
+                bias = next((p for p in DENSE_FFN if key.endswith(f".mlp.{p}.bias")), None)
+                if layer is None or not plan.counts[layer] or (proj or bias) is None:
                     writer.add(key, tensor)
                     total, active = total + tensor.numel(), active + tensor.numel()
-                else:
+                elif proj is not None:
                     ffn[proj] = tensor
+                else:
+                    ffn_bias[str(bias)] = tensor
             if ffn:
-                if set(ffn) != set(DENSE_FFN):
-                    raise UpcycleError(f"layer {layer}: FFN tensors {sorted(ffn)}; expected "
-                                       f"{', '.join(DENSE_FFN)}")
-                ffn_size = sum(t.numel() for t in ffn.values())
+                if set(ffn) != set(DENSE_FFN) or (ffn_bias and set(ffn_bias) != set(DENSE_FFN)):
+                    raise UpcycleError(f"layer {layer}: FFN tensors {sorted(ffn)}, biases "
+                                       f"{sorted(ffn_bias)}; expected {', '.join(DENSE_FFN)}")
+                if ffn_bias and not plan.own_class:
+                    raise UpcycleError(f"layer {layer}: FFN biases although config.json does "
+                                       "not set mlp_bias (they would be dropped)")
+                ffn_size = sum(t.numel() for t in (*ffn.values(), *ffn_bias.values()))
                 assert layer is not None
                 experts, top_k = plan.counts[layer], min(options.top_k, plan.counts[layer])
-                for key, tensor in _moe_block(plan, layer, ffn, options, generator).items():
+                for key, tensor in _moe_block(plan, layer, ffn, ffn_bias, options,
+                                              generator).items():
                     writer.add(key, tensor)
                     if ".experts." in key:
                         continue
@@ -256,7 +289,7 @@ def upcycle(model_dir: str | Path, out_dir: str | Path, options: UpcycleOptions)
         raise
     finally:
         ckpt.close()
-    _write_config(dst, dense_cfg, plan, options)
+    (dst / "config.json").write_text(json.dumps(out_cfg, indent=2, sort_keys=True))
     for name in SIDE_FILES:
         if (src / name).exists():
             shutil.copy2(src / name, dst / name)
@@ -271,19 +304,37 @@ def upcycle(model_dir: str | Path, out_dir: str | Path, options: UpcycleOptions)
     return result
 
 
-def _write_config(dst: Path, dense_cfg: dict[str, Any], plan: _Plan,
-                  options: UpcycleOptions) -> None:
+def _output_config(dense_cfg: dict[str, Any], plan: _Plan,
+                   options: UpcycleOptions) -> dict[str, Any]:
+    """The MoE's config.json: the family's standard class with the fields that make it compute
+    what the dense config does, or the own class over the dense config as it is."""
     moe_layers = [i for i, n in enumerate(plan.counts) if n]
     if plan.own_class:
-        cfg = {k: v for k, v in dense_cfg.items() if k not in ("architectures", "model_type")}
+        cfg = {k: v for k, v in dense_cfg.items() if k not in DROPPED_CONFIG}
         cfg.update(model_type=OWN_TYPE, architectures=["DeltaMoeForCausalLM"],
                    base_model_type=dense_cfg["model_type"], experts_per_layer=plan.counts,
                    num_experts_per_tok=options.top_k,
                    classifier_layers=sorted(options.classifier_layers))
-    else:
-        cfg = plan.family.moe_config(dense_cfg, plan.counts[moe_layers[0]], options.top_k,
-                                     moe_layers)
-    (dst / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        return cfg
+    return plan.family.moe_config(dense_cfg, plan.counts[moe_layers[0]], options.top_k,
+                                  moe_layers, standard_fields(plan.family, dense_cfg))
+
+
+def _check_inputs(ckpt: LazyCheckpoint, dense_cfg: dict[str, Any],
+                  out_cfg: dict[str, Any]) -> None:
+    """From headers alone, before a tensor is written: the vocabulary rows agree with
+    ``vocab_size``, and the output class holds exactly the dense model's shared tensors."""
+    vocab = dense_cfg["vocab_size"]
+    for key in VOCAB_KEYS:
+        if key in ckpt:
+            rows = ckpt.meta(key)[0][0]
+            if rows != vocab:
+                raise UpcycleError(f"{ckpt.source}: {key} has {rows} rows but config.json says "
+                                   f"vocab_size {vocab}")
+    try:
+        check_output_keys(out_cfg, ckpt.keys())
+    except IncompatibleConfigError as err:
+        raise UpcycleError(str(err)) from None
 
 
 def _allocation_record(plan: _Plan, options: UpcycleOptions) -> dict[str, Any]:
@@ -297,10 +348,11 @@ def _allocation_record(plan: _Plan, options: UpcycleOptions) -> dict[str, Any]:
 
 def _model_card(dst: Path, src: Path, options: UpcycleOptions, result: UpcycleResult) -> None:
     acc = result.accounting
-    lineage = {"source_model": str(src), "options": asdict(options), **result.summary()}
-    (dst / "README.md").write_text(
-        "---\nlibrary_name: transformers\ntags: [deltamoe, upcycled, moe]\n---\n"
-        f"# Upcycled {result.model_type} model\n\n"
+    lineage = portable({"source_model": str(src), "options": asdict(options), **result.summary()})
+    languages = [*options.original_languages, *options.allocation,
+                 *(lang for members in options.groups.values() for lang in members)]
+    write_card(
+        dst, f"{dst.name} (upcycled {result.model_type})",
         f"Dense model `{src}` upcycled by deltamoe: {len(result.moe_layers)} MoE layers with "
         f"{sorted(set(n for n in result.experts_per_layer if n))} experts, each an exact copy "
         f"of the dense FFN (expert 0 is the anchor), top-{options.top_k} routing, routers "
@@ -309,4 +361,6 @@ def _model_card(dst: Path, src: Path, options: UpcycleOptions, result: UpcycleRe
         f"| dense | {acc.dense_parameters:,} | {acc.dense_flops_per_token:,} |\n"
         f"| MoE total | {acc.moe_parameters:,} | |\n"
         f"| MoE active per token | {acc.active_parameters:,} | {acc.active_flops_per_token:,} |"
-        f"\n\n```json\n{json.dumps(lineage, indent=2)}\n```\n")
+        f"\n\n```json\n{json.dumps(lineage, indent=2)}\n```\n",
+        base_model=[str(src)], relation="finetune", languages=languages, inputs=[src],
+        tags=["moe", "upcycled"])

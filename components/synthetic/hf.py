@@ -23,6 +23,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from components.moe.checkpoint import follow_umask
 from components.moe.families import DENSE_TYPES
 
 EOS = "<|endoftext|>"
@@ -102,5 +103,7 @@ def build_tiny_model(tokenizer: PreTrainedTokenizerFast, out_dir: Path, *, arch:
         pad_token_id=eos_id, do_sample=False, max_new_tokens=32,
     )
     model.save_pretrained(out_dir)
+    for shard in Path(out_dir).glob("*.safetensors"):  # safetensors writes 0600: follow the umask
+        follow_umask(shard)
     tokenizer.save_pretrained(out_dir)
     return sum(p.numel() for p in model.parameters())

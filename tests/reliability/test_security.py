@@ -1,5 +1,6 @@
 """Security properties as tests: no pickle-based loading of model files, ``trust_remote_code``
-off unless a user turns it on, secrets never reach MLflow, servers bound to loopback."""
+never on (no option turns it on), secrets never reach MLflow, servers bound to loopback (the
+project's Python and ray up's cluster.yaml)."""
 
 from __future__ import annotations
 
@@ -63,8 +64,12 @@ def test_no_pickle_based_loading() -> None:
     assert offenders == []
 
 
-def test_trust_remote_code_is_off_unless_the_user_turns_it_on() -> None:
-    assert ModelsConfig(base="b", post="p").trust_remote_code is False
+def test_trust_remote_code_is_never_turned_on() -> None:
+    """There is no option to turn it on (a config that sets it is refused), and no call in the
+    project's code passes it as True."""
+    assert "trust_remote_code" not in ModelsConfig.model_fields
+    with pytest.raises(ValueError, match="trust_remote_code is not supported"):
+        ModelsConfig.model_validate({"base": "b", "post": "p", "trust_remote_code": True})
     offenders = []
     for path in PROJECT_CODE:
         for _, call in _calls(path):
@@ -82,6 +87,11 @@ def test_servers_bind_to_loopback_by_default() -> None:
             if isinstance(node, ast.Constant) and node.value in ("0.0.0.0", "::"):
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert offenders == []
+    # ray up's head: the dashboard and its job API answer on loopback, reached by
+    # `ray dashboard` (an SSH port-forward), as the file's own header says
+    ray_up = (ROOT / "cluster" / "cluster.yaml").read_text(encoding="utf-8")
+    assert "0.0.0.0" not in ray_up and "--dashboard-host=127.0.0.1" in ray_up
+    assert "forwards 8265 to localhost" in ray_up
     from workflows.expand import WorkflowResult
 
     shown = WorkflowResult("runs/x", "sqlite:////tmp/m.db", "abc").summary()
