@@ -13,25 +13,39 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
+import yaml
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.entities.logged_model_status import LoggedModelStatus
-from mlflow.utils.mlflow_tags import MLFLOW_MODEL_IS_EXTERNAL, MLFLOW_PARENT_RUN_ID
+from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import (
+    MLFLOW_GIT_COMMIT,
+    MLFLOW_MODEL_IS_EXTERNAL,
+    MLFLOW_MODEL_VERSIONS,
+    MLFLOW_PARENT_RUN_ID,
+    MLFLOW_RUN_NOTE,
+)
 
-from components.config import SECRET_KEY, SECRET_MASK, ConfigError
+from components.config import SECRET_KEY, SECRET_MASK, ConfigError, mask_secrets
 from components.storage import Manifest, RunDir
 
 __all__ = [
     "REDACTED",
     "ExpansionTracker",
     "RankZeroLogger",
+    "StageRuns",
+    "code_version",
     "flatten_params",
+    "parquet_dataset",
     "resolve_tracking_uri",
 ]
 
@@ -42,6 +56,7 @@ _TAG_RUN = "deltamoe.run_name"
 _TAG_KIND = "deltamoe.kind"
 _TAG_STAGE = "deltamoe.stage"
 _TAG_CONFIG_FP = "deltamoe.config_fingerprint"
+_TAG_VERSION = "deltamoe.version"
 _MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value
 _BATCH = 100  # MLflow's limit on params per log_batch
 
@@ -66,6 +81,30 @@ def flatten_params(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         text = value if isinstance(value, str) else json.dumps(value, default=str)
         flat[path] = text[:_MAX_PARAM_VALUE]
     return flat
+
+
+@cache
+def code_version() -> dict[str, str]:
+    """Tags that say which code made a run: the package version, and the git commit of the
+    checkout it runs from (``-dirty`` when it has uncommitted changes) where there is one."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        tags = {_TAG_VERSION: version("deltamoe")}
+    except PackageNotFoundError:
+        tags = {_TAG_VERSION: "unknown"}
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], check=True,
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
+                                "--untracked-files=no"], check=True, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):  # no git, or not a checkout (an install)
+        return tags
+    if commit:
+        tags[MLFLOW_GIT_COMMIT] = commit + ("-dirty" if dirty else "")
+    return tags
 
 
 def resolve_tracking_uri(configured: str | None, run_dir: RunDir) -> str:
@@ -113,18 +152,16 @@ class ExpansionTracker:
             filter_string=(f"tags.`{_TAG_RUN}` = '{run_name}' "
                            f"and tags.`{_TAG_KIND}` = 'expansion'"),
             name=run_name,
-            tags={_TAG_RUN: run_name, _TAG_KIND: "expansion", **(tags or {})},
+            tags={_TAG_RUN: run_name, _TAG_KIND: "expansion", **code_version(), **(tags or {})},
         )
 
     def _find_or_create(self, filter_string: str, name: str, tags: Mapping[str, str]) -> str:
-        runs = self.client.search_runs([self.experiment_id], filter_string=filter_string,
-                                       order_by=["attributes.start_time ASC"], max_results=1)
-        if runs:
-            run_id = runs[0].info.run_id
-            self.client.update_run(run_id, status="RUNNING")
-            return run_id
-        return self.client.create_run(self.experiment_id, run_name=name,
-                                      tags=dict(tags)).info.run_id
+        return _find_or_create(self.client, self.experiment_id, filter_string, name, tags)
+
+    def stage_runs(self) -> StageRuns:
+        """What a worker needs to open its own stage run when its work starts (picklable)."""
+        return StageRuns(self.tracking_uri, self.experiment_id, self.parent_run_id,
+                         self.run_name)
 
     def log_config(self, config: Mapping[str, Any], config_fingerprint: str) -> None:
         """Params = the flattened config. MLflow params are immutable, so a rerun with a changed
@@ -140,6 +177,9 @@ class ExpansionTracker:
         redacted = {k: params[k] for k in sorted(params)}
         self.client.log_dict(self.parent_run_id, redacted,
                              f"config/{config_fingerprint[:12]}.json")
+        # the resolved config as a user would write it: what a rerun elsewhere starts from
+        self.client.log_text(self.parent_run_id, yaml.safe_dump(
+            _redact(config), sort_keys=False, allow_unicode=True), "config/resolved.yaml")
         if changed:
             log.warning("config changed since this run was first tracked (%s); MLflow params "
                         "keep the first values, the new config is in config/%s.json",
@@ -147,13 +187,7 @@ class ExpansionTracker:
 
     def stage_run_id(self, stage: str) -> str:
         """The nested run of ``stage`` under this expansion, created on first use."""
-        return self._find_or_create(
-            filter_string=(f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_run_id}' "
-                           f"and tags.`{_TAG_STAGE}` = '{stage}'"),
-            name=stage,
-            tags={MLFLOW_PARENT_RUN_ID: self.parent_run_id, _TAG_STAGE: stage,
-                  _TAG_RUN: self.run_name, _TAG_KIND: "stage"},
-        )
+        return self.stage_runs().open(stage, self.client)
 
     @contextmanager
     def stage(self, stage: str) -> Iterator[RankZeroLogger]:
@@ -170,6 +204,51 @@ class ExpansionTracker:
     def finish(self, failed: bool = False) -> None:
         status = RunStatus.FAILED if failed else RunStatus.FINISHED
         self.client.set_terminated(self.parent_run_id, status=RunStatus.to_string(status))
+
+
+def _find_or_create(client: MlflowClient, experiment_id: str, filter_string: str, name: str,
+                    tags: Mapping[str, str]) -> str:
+    """The first run matching ``filter_string`` (set RUNNING again), else a new one starting
+    now."""
+    runs = client.search_runs([experiment_id], filter_string=filter_string,
+                              order_by=["attributes.start_time ASC"], max_results=1)
+    if runs:
+        run_id = runs[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    return client.create_run(experiment_id, run_name=name, tags=dict(tags)).info.run_id
+
+
+@dataclass(frozen=True)
+class StageRuns:
+    """The stage runs of one expansion, opened by name from any process. A Ray task opens its
+    own when its work starts, so the run's start time is when the work began, not when the task
+    was queued."""
+
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    run_name: str
+
+    def open(self, stage: str, client: MlflowClient | None = None) -> str:
+        """The run id of ``stage``, created on first use, reattached on every rerun."""
+        return _find_or_create(
+            client or MlflowClient(self.tracking_uri), self.experiment_id,
+            filter_string=(f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_run_id}' "
+                           f"and tags.`{_TAG_STAGE}` = '{stage}'"),
+            name=stage,
+            tags={MLFLOW_PARENT_RUN_ID: self.parent_run_id, _TAG_STAGE: stage,
+                  _TAG_RUN: self.run_name, _TAG_KIND: "stage", **code_version()})
+
+
+def _redact(data: Any) -> Any:
+    """``data`` with secret-looking keys and pydantic-masked values replaced, at any depth."""
+    if isinstance(data, Mapping):
+        masked = mask_secrets(dict(data))
+        return {k: REDACTED if v == SECRET_MASK else _redact(v) for k, v in masked.items()}
+    if isinstance(data, list):
+        return [_redact(v) for v in data]
+    return REDACTED if data == SECRET_MASK else data
 
 
 def _current_rank() -> int:
@@ -216,11 +295,14 @@ class RankZeroLogger:
             self._client = MlflowClient(self.tracking_uri)
         return self._client
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int,
+                    model_id: str | None = None) -> None:
+        """Metrics of this run; with ``model_id`` also of that LoggedModel (its page lists
+        them)."""
         if not self.is_rank_zero or not metrics:
             return
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        items = [Metric(k, float(v), now, step, model_id=model_id) for k, v in metrics.items()]
         for start in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[start:start + 1000])
 
@@ -246,12 +328,13 @@ class RankZeroLogger:
         its URI and size, plus ``models/<name>.json`` listing every file with its sha256."""
         if not self.is_rank_zero:
             return None
-        experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        run = self.client.get_run(self.run_id)
         model = self.client.create_logged_model(
-            experiment_id=experiment_id, name=name, source_run_id=self.run_id,
+            experiment_id=run.info.experiment_id, name=name, source_run_id=self.run_id,
             model_type=model_type,
             tags={MLFLOW_MODEL_IS_EXTERNAL: "true", "uri": uri,
-                  "fingerprint": manifest.fingerprint, "total_bytes": str(manifest.total_bytes)},
+                  "fingerprint": manifest.fingerprint, "total_bytes": str(manifest.total_bytes),
+                  _TAG_RUN: run.data.tags.get(_TAG_RUN, "")},
         )
         self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
         self.client.log_dict(self.run_id, {
@@ -260,3 +343,113 @@ class RankZeroLogger:
             "files": [vars(o) for o in manifest.outputs],
         }, f"models/{name}.json")
         return model.model_id
+
+    def variant_model(self, name: str, uri: str, lineage: Mapping[str, str]) -> str | None:
+        """The id of the newest LoggedModel ``name`` of this expansion (what its build stage
+        recorded), or a new external reference to ``uri`` when none was (a hub base, a model
+        made elsewhere); ``lineage`` (base, post, target, data) becomes its ``lineage.*``
+        params, so the model page says where the model came from."""
+        if not self.is_rank_zero:
+            return None
+        run = self.client.get_run(self.run_id)
+        expansion = run.data.tags.get(_TAG_RUN, "")
+        found = self.client.search_logged_models(
+            [run.info.experiment_id],
+            filter_string=f"name = '{name}' AND tags.`{_TAG_RUN}` = '{expansion}'",
+            order_by=[{"field_name": "creation_timestamp", "ascending": False}], max_results=1)
+        if found:
+            model_id = found[0].model_id
+        else:
+            model = self.client.create_logged_model(
+                experiment_id=run.info.experiment_id, name=name, source_run_id=self.run_id,
+                model_type="hf-causal-lm",
+                tags={MLFLOW_MODEL_IS_EXTERNAL: "true", "uri": uri, _TAG_RUN: expansion})
+            self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+            model_id = model.model_id
+        # params, not tags: the model page shows its params (a model's lineage never changes;
+        # a rebuilt model is a new LoggedModel)
+        known = self.client.get_logged_model(model_id).params
+        fresh = {f"lineage.{k}": str(v)[:_MAX_PARAM_VALUE] for k, v in lineage.items()
+                 if f"lineage.{k}" not in known}
+        if fresh:
+            self.client.log_model_params(model_id, fresh)
+        return model_id
+
+    def register_model(self, registered_name: str, model_id: str, uri: str,
+                       alias: str = "candidate") -> int | None:
+        """A new version of ``registered_name`` in the Model Registry pointing at ``uri`` (the
+        weights stay where they are), tagged with its LoggedModel, and ``alias`` moved to it;
+        the version number."""
+        if not self.is_rank_zero:
+            return None
+        try:
+            self.client.create_registered_model(
+                registered_name, description="DeltaMoE expansions: an instruct model with new "
+                "languages, its weights referenced where the run wrote them")
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = self.client.create_model_version(
+            registered_name, source=uri, run_id=self.run_id, model_id=model_id,
+            tags={MLFLOW_MODEL_IS_EXTERNAL: "true", "model_id": model_id, "uri": uri})
+        self.client.set_registered_model_alias(registered_name, alias, version.version)
+        # the LoggedModel's page lists its registered versions from this tag (what
+        # mlflow.register_model writes; the SQL registry does not keep the model id itself)
+        linked = json.loads(self.client.get_logged_model(model_id).tags.get(
+            MLFLOW_MODEL_VERSIONS, "[]"))
+        linked.append({"name": registered_name, "version": version.version})
+        self.client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(linked)})
+        return int(version.version)
+
+    def log_dataset(self, name: str, source: str, digest: str, *, profile: Mapping[str, Any],
+                    schema: Mapping[str, Any], context: str = "training") -> None:
+        """Record data this run read as an MLflow dataset input (name, source URI, digest,
+        profile: rows and tokens per language), not the rows themselves."""
+        if not self.is_rank_zero:
+            return
+        dataset = Dataset(name=name, digest=digest[:36], source_type="local" if
+                          source.startswith(("/", "file:")) else "external", source=source,
+                          schema=json.dumps(schema), profile=json.dumps(profile))
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(
+            dataset, tags=[InputTag("mlflow.data.context", context)])])
+
+    def log_parent_summary(self, metrics: Mapping[str, float], description: str) -> None:
+        """Headline metrics and a description (the run page's note) on this run's parent."""
+        if not self.is_rank_zero:
+            return
+        parent = self.client.get_run(self.run_id).data.tags.get(MLFLOW_PARENT_RUN_ID)
+        if parent is None:
+            return
+        self.client.set_tag(parent, MLFLOW_RUN_NOTE, description)
+        RankZeroLogger(self.tracking_uri, parent, rank=0).log_metrics(metrics, step=0)
+
+
+def parquet_dataset(paths: list[str], name: str = "training-data") -> dict[str, Any]:
+    """What :meth:`RankZeroLogger.log_dataset` records of packed parquet files: their folder,
+    a digest of their names and sizes, rows and tokens per language, and the columns — read from
+    the parquet footers and the ``lang`` column alone, never the token streams."""
+    import hashlib
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    digest = hashlib.sha256()
+    rows: dict[str, int] = {}
+    schema: dict[str, str] = {}
+    seq_len = 0
+    for path in sorted(paths):
+        digest.update(f"{Path(path).name}:{os.path.getsize(path)}\n".encode())
+        file = pq.ParquetFile(path)
+        schema = {f.name: str(f.type) for f in file.schema_arrow}
+        counts = pc.value_counts(file.read(columns=["lang"]).column("lang")).to_pylist()
+        for item in counts:
+            rows[item["values"]] = rows.get(item["values"], 0) + int(item["counts"])
+        if not seq_len and file.metadata.num_rows:
+            seq_len = len(file.read_row_group(0, columns=["input_ids"]).column(0)[0])
+    parents = {str(Path(p).resolve().parent) for p in paths}
+    source = os.path.commonpath(sorted(parents)) if parents else ""
+    return {"name": name, "source": source, "digest": digest.hexdigest(),
+            "schema": {"columns": schema},
+            "profile": {"files": len(paths), "rows": sum(rows.values()), "seq_len": seq_len,
+                        "rows_per_language": rows,
+                        "tokens_per_language": {k: v * seq_len for k, v in rows.items()}}}

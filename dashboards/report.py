@@ -1,17 +1,23 @@
 """The HTML report of an expansion run, built from MLflow and the run directory's manifests.
 
 One self-contained file (figures embedded as PNG data URIs, no external assets) that a platform
-team can open from a laptop, an artifact store or a CI page: per-language evaluation tables of
-every variant, the original/expanded averages, router load heatmaps, the stages with their MLflow
-status, and the lineage of every output recorded in the stage manifests. It reads what MLflow
-holds, so it works for a run still in progress (the report says which results are missing) and
-for any run another machine executed against the same tracking server.
+team can open from a laptop, an artifact store or a CI page: a summary (what was expanded, the
+headline comparison as a difference with its 95 % interval, the run's status as its stages tell
+it), the configuration that made it, a legend of the variants, per-language evaluation tables
+with stderr and n in every cell (a cell is marked only when it beats the others beyond noise,
+:mod:`dashboards.summary`), original/expanded averages, router load heat maps with the allocated
+experts outlined, the stages with their MLflow status, and the lineage of every output recorded
+in the stage manifests. Scores come from the run directory's result rows (``eval/<variant>.json``,
+which carry stderr and n) where it has them, else from the variant runs' MLflow metrics; so the
+report works for a run still in progress (it says which results are missing) and for any run
+another machine executed against the same tracking server.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import re
 import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -25,9 +31,10 @@ from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from components.config import RunConfig
-from components.evaluate.results import LOWER_IS_BETTER, ResultRow, language_averages
+from components.evaluate.results import LOWER_IS_BETTER, ResultRow
 from components.storage import Manifest, RunDir, fingerprint
 from components.tracking import RankZeroLogger, resolve_tracking_uri
+from dashboards.summary import config_summary, group_mean, headline, legend, marked_best, run_status
 
 __all__ = ["ReportData", "ReportError", "build_report", "collect", "render", "report_child_logger",
            "report_run"]
@@ -57,11 +64,13 @@ class ReportData:
     results: dict[str, list[ResultRow]] = field(default_factory=dict)
     routing: dict[str, dict[int, dict[str, list[float]]]] = field(default_factory=dict)
     lineage: list[dict[str, Any]] = field(default_factory=list)
+    params: dict[str, str] = field(default_factory=dict)
+    allocation: dict[str, dict[str, Any]] = field(default_factory=dict)  # variant → its file
 
     def fingerprint(self) -> str:
         rows = {v: [r.to_dict() for r in rs] for v, rs in self.results.items()}
-        return fingerprint("report/1", self.parent, self.stages, rows, self.routing,
-                           self.lineage, self.original, self.new)
+        return fingerprint("report/2", self.parent, self.stages, rows, self.routing,
+                           self.lineage, self.original, self.new, self.params, self.allocation)
 
 
 def _parent_run(client: MlflowClient, run_name: str, experiment: str | None) -> Any:
@@ -87,14 +96,66 @@ def _languages(params: Mapping[str, str], key: str) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list) else []
 
 
+_LANG_TAG = re.compile(r"^[a-z]{3}_[A-Z][a-z]{3}$")
+
+
+def metric_key(key: str) -> tuple[str, str, str] | None:
+    """(task, lang, metric) of a per-language evaluation metric key, or None. The one place
+    that knows MLflow's key layout: ``eval/<task>/<lang>/<metric>``, and any order of the
+    segments after ``eval/<task>/`` that keeps the language tag as one segment; averages
+    (``avg_*``) and stderr keys are not per-language scores."""
+    parts = key.split("/")
+    if len(parts) < 4 or parts[0] != "eval" or any(p.startswith("avg_") for p in parts):
+        return None
+    langs = [i for i, p in enumerate(parts[2:], 2) if _LANG_TAG.match(p)]
+    if len(langs) != 1 or parts[-1].endswith("stderr"):
+        return None
+    rest = [p for i, p in enumerate(parts[2:], 2) if i != langs[0]]
+    return parts[1], parts[langs[0]], "/".join(rest)
+
+
 def _eval_rows(metrics: Mapping[str, float]) -> list[ResultRow]:
-    """``eval/<task>/<lang>/<metric>`` → rows (the variant runs' per-language metrics)."""
+    """The variant runs' per-language metrics as rows (no stderr or n: MLflow holds values)."""
     rows = []
     for key, value in sorted(metrics.items()):
-        parts = key.split("/")
-        if len(parts) >= 4 and parts[0] == "eval":
-            rows.append(ResultRow(parts[1], parts[2], "/".join(parts[3:]), float(value), None, 0))
+        parsed = metric_key(key)
+        if parsed is not None:
+            rows.append(ResultRow(*parsed, float(value), None, 0))
     return rows
+
+
+def _stored_rows(run_dir: RunDir | None, variant: str) -> list[ResultRow] | None:
+    """The variant's result rows in the run directory (with stderr and n), if it has them."""
+    if run_dir is None:
+        return None
+    for stage, name in (("eval", f"{variant}.json"), (f"eval_parts/{variant}", "results.json")):
+        folder = run_dir.stage(stage)
+        if folder.read_manifest() is None:
+            continue
+        try:
+            with folder.fs.open(f"{folder.path}/{name}", "rb") as handle:
+                data = handle.read()
+        except FileNotFoundError:
+            continue
+        try:
+            return [ResultRow(**row) for row in json.loads(data)["rows"]]
+        except (ValueError, KeyError, TypeError):
+            return None
+    return None
+
+
+def _allocation(run_dir: RunDir | None, variant: str) -> dict[str, Any]:
+    """``models/<variant>/allocation.json`` (the graft copies its target's), or {}."""
+    if run_dir is None:
+        return {}
+    folder = run_dir.stage(f"models/{variant}")
+    try:
+        with folder.fs.open(f"{folder.path}/allocation.json", "r", encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (FileNotFoundError, ValueError):
+        return {}
+    return {"experts": data.get("experts", {}), "groups": data.get("groups", {})} \
+        if isinstance(data, dict) else {}
 
 
 def _routing(metrics: Mapping[str, float]) -> dict[int, dict[str, list[float]]]:
@@ -165,7 +226,7 @@ def collect(tracking_uri: str, run_name: str, run_dir: RunDir | None = None, *,
                 "fingerprint": parent.data.tags.get("deltamoe.config_fingerprint", "")[:12]},
         original=list(original or _languages(params, "languages.original")),
         new=list(new or _languages(params, "languages.new")),
-        lineage=_lineage(run_dir))
+        lineage=_lineage(run_dir), params=dict(params))
     for run in runs:
         info, tags = run.info, run.data.tags
         if tags.get(_STAGE_TAG) == STAGE:
@@ -174,12 +235,18 @@ def collect(tracking_uri: str, run_name: str, run_dir: RunDir | None = None, *,
                    if info.end_time and info.start_time else None)
         data.stages.append({"name": tags.get(_STAGE_TAG, info.run_name), "status": info.status,
                             "seconds": seconds, "metrics": len(run.data.metrics),
-                            "variant": tags.get("variant", "")})
+                            "variant": tags.get("variant", ""),
+                            "tokens": run.data.metrics.get("train/tokens")})
         variant = tags.get("variant")
         if variant:
             rows = _eval_rows(run.data.metrics)
             if rows:
-                data.results[variant] = rows
+                stored = _stored_rows(run_dir, variant) or []
+                have = {(r.task, r.lang, r.metric) for r in stored}
+                data.results[variant] = stored + [r for r in rows
+                                                  if (r.task, r.lang, r.metric) not in have]
+                if (alloc := _allocation(run_dir, variant)):
+                    data.allocation[variant] = alloc
             load = _routing(run.data.metrics)
             if load:
                 data.routing[variant] = load
@@ -187,28 +254,33 @@ def collect(tracking_uri: str, run_name: str, run_dir: RunDir | None = None, *,
 
 
 def _tables(data: ReportData) -> list[dict[str, Any]]:
-    """One table per (task, metric): variants × languages, the best cell of a column marked."""
+    """One table per (task, metric): variants × languages, each cell value ± stderr over n; a
+    cell is marked only when it beats every other variant's beyond noise."""
     langs = [*data.original, *data.new]
     keys = sorted({(r.task, r.metric) for rows in data.results.values() for r in rows})
     tables = []
     for task, metric in keys:
-        values = {v: {r.lang: r.value for r in rows if (r.task, r.metric) == (task, metric)}
-                  for v, rows in data.results.items()}
-        columns = [lang for lang in langs if any(lang in by for by in values.values())]
-        columns += sorted({lang for by in values.values() for lang in by} - set(columns))
-        pick = min if metric in LOWER_IS_BETTER else max
-        best = {lang: pick(by[lang] for by in values.values() if lang in by) for lang in columns}
-        averages = {v: language_averages(rows, data.original, data.new).get((task, metric), {})
-                    for v, rows in data.results.items()}
+        cells = {v: {r.lang: r for r in rows if (r.task, r.metric) == (task, metric)}
+                 for v, rows in data.results.items()}
+        columns = [lang for lang in langs if any(lang in by for by in cells.values())]
+        columns += sorted({lang for by in cells.values() for lang in by} - set(columns))
+        best = {lang: marked_best({v: (by[lang].value, by[lang].stderr) for v, by in
+                                   cells.items() if lang in by}, metric) for lang in columns}
+        groups = {v: {g: group_mean([r for r in by.values() if r.lang in members])
+                      for g, members in (("original", data.original), ("new", data.new))}
+                  for v, by in cells.items()}
+        best_avg = {g: marked_best({v: by[g][:2] for v, by in groups.items()
+                                    if by[g][0] is not None}, metric)
+                    for g in ("original", "new")}
         tables.append({
             "task": task, "metric": metric, "columns": columns,
             "direction": "lower is better" if metric in LOWER_IS_BETTER else "higher is better",
             "new": set(data.new),
             "rows": [{"variant": v,
-                      "cells": [(by.get(lang), by.get(lang) is not None and by.get(lang)
-                                 == best[lang]) for lang in columns],
-                      "original": averages[v].get("original"), "expanded": averages[v].get("new")}
-                     for v, by in values.items()]})
+                      "cells": [(by.get(lang), best[lang] == v) for lang in columns],
+                      "original": (*groups[v]["original"], best_avg["original"] == v),
+                      "expanded": (*groups[v]["new"], best_avg["new"] == v)}
+                     for v, by in cells.items()]})
     return tables
 
 
@@ -217,27 +289,47 @@ def _png(path: Path) -> str:
 
 
 def _figures(data: ReportData, folder: Path) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    from components.evaluate.plots import (
-        plot_group_averages,
-        plot_language_scores,
-        plot_routing,
-    )
+    from dashboards.figures import plot_averages, plot_routing_allocated, plot_scores
 
     scores, heatmaps = [], []
     langs = [*data.original, *data.new]
     for i, (task, metric) in enumerate(sorted({(r.task, r.metric) for rows in
                                                data.results.values() for r in rows})):
-        path = plot_language_scores(data.results, task, metric, langs, folder / f"s{i}.png")
+        path = plot_scores(data.results, task, metric, langs, folder / f"s{i}.png")
         scores.append({"title": f"{task}: {metric} per language", "src": _png(path)})
         if data.original and data.new:
-            path = plot_group_averages(data.results, task, metric, data.original, data.new,
-                                       folder / f"a{i}.png")
+            path = plot_averages(data.results, task, metric, data.original, data.new,
+                                 folder / f"a{i}.png")
             scores.append({"title": f"{task}: {metric}, original vs expanded", "src": _png(path)})
     for i, (variant, load) in enumerate(sorted(data.routing.items())):
-        path = plot_routing(load, f"{variant}: expert load per layer and language",
-                            folder / f"r{i}.png")
-        heatmaps.append({"title": f"router load: {variant}", "src": _png(path)})
+        alloc = data.allocation.get(variant) or _configured_allocation(data, variant)
+        path = plot_routing_allocated(load, f"{variant}: expert load per layer and language",
+                                      folder / f"r{i}.png", alloc.get("experts"),
+                                      alloc.get("groups"))
+        heatmaps.append({"title": f"router load: {variant}" + (
+            " (outlined: the experts allocated to the language)" if alloc.get("experts")
+            else ""), "src": _png(path)})
     return scores, heatmaps
+
+
+def _configured_allocation(data: ReportData, variant: str) -> dict[str, Any]:
+    """The config's language allocation, for a variant upcycled with it (no model folder read)."""
+    from components.variants import VARIANTS
+
+    spec = VARIANTS.get(variant)
+    onto = VARIANTS.get(spec.graft_onto) if spec is not None and spec.graft_onto else spec
+    if onto is None or onto.upcycle != "language":
+        return {}
+    out: dict[str, Any] = {"experts": {}, "groups": {}}
+    for key, raw in data.params.items():
+        for section in ("experts", "groups"):
+            prefix = f"upcycle.allocation.{section}."
+            if key.startswith(prefix):
+                try:
+                    out[section][key[len(prefix):]] = json.loads(raw)
+                except ValueError:
+                    continue
+    return out
 
 
 def render(data: ReportData, *, figures: bool = True) -> str:
@@ -245,10 +337,16 @@ def render(data: ReportData, *, figures: bool = True) -> str:
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(),
                       trim_blocks=True, lstrip_blocks=True)
     env.filters["num"] = lambda v: "–" if v is None else f"{v:.4g}"
+    env.filters["signed"] = lambda v: "–" if v is None else f"{v:+.3g}"
+    env.filters["se"] = lambda v: "–" if v is None else f"{v:.2g}"
+    shown = [*data.results, *(v for v in data.routing if v not in data.results)]
     with tempfile.TemporaryDirectory(prefix="deltamoe-report-") as tmp:
         scores, heatmaps = _figures(data, Path(tmp)) if figures else ([], [])
         return env.get_template("report.html.jinja").render(
             d=data, tables=_tables(data), scores=scores, heatmaps=heatmaps,
+            head=headline(data.results, data.original, data.new),
+            status=run_status(data.parent["status"], data.stages),
+            config=config_summary(data.params, data.stages), legend=legend(shown),
             generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"))
 
 

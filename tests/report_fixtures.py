@@ -6,11 +6,13 @@ elsewhere; these numbers are chosen so that the tests can assert them)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import yaml
 
 from components.config import RunConfig, load_config
+from components.evaluate.results import ResultRow, write_results
 from components.storage import RunDir, fingerprint
 from components.tracking import ExpansionTracker, RankZeroLogger
 from workflows.cli import DEMO_CONFIG
@@ -25,6 +27,12 @@ SCORES = {
                  "swh_Latn": (0.634, 21.0), "rus_Cyrl": (0.597, 24.25)},
 }
 ROUTER = {1: {"eng_Latn": [0.7, 0.1, 0.1, 0.1], "swh_Latn": [0.1, 0.5, 0.3, 0.1]}}
+ITEMS = 32  # questions per language, as the demo evaluates
+
+
+def acc_stderr(acc: float, n: int = ITEMS) -> float:
+    """lm-eval's stderr of a mean of 0/1 scores (sample standard deviation / √n)."""
+    return math.sqrt(acc * (1 - acc) / (n - 1))
 
 
 def make_config(tmp_path: Path, run_name: str = "reported") -> tuple[Path, RunConfig]:
@@ -65,4 +73,11 @@ def log_run(cfg: RunConfig, with_results: bool = True) -> tuple[ExpansionTracker
                                 for e, share in enumerate(row)})
             logger.log_metrics(metrics, step=0)
             tracker.client.set_terminated(run_id, status="FINISHED")
+        # the eval stage's rows: what MLflow has, plus stderr and n (word perplexity: none)
+        with tracker.stage("evaluate"), run_dir.stage("eval").build(fingerprint("eval")) as work:
+            for variant, by_lang in SCORES.items():
+                write_results(work.path / f"{variant}.json", variant, [
+                    row for lang, (acc, ppl) in by_lang.items() for row in (
+                        ResultRow("synthetic_mc", lang, "acc", acc, acc_stderr(acc), ITEMS),
+                        ResultRow("synthetic_ppl", lang, "word_perplexity", ppl, None, ITEMS))])
     return tracker, run_dir

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -93,19 +94,31 @@ def test_workflow_tracks_its_stages_and_skips_complete_ones(tmp_path: Path) -> N
     cfg["storage"]["root"] = str(tmp_path / "runs")
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    first = run_demo(path, only=("world", "upcycle"))
-    assert first.stages == {"world": "built", "moe_init": "built"}
+    # the first run as a user starts it, its log captured: the project's lines and real
+    # warnings only (a whole demo stays under 150 lines; README "Tracking")
+    first = _deltamoe("run", str(path), "--only", "world", "--only", "upcycle")
+    assert first.returncode == 0, first.stderr[-3000:]
+    log = (first.stderr + first.stdout).splitlines()
+    assert len(log) <= 25, "\n".join(log)
+    noise = re.compile(r"alembic|mlflow\.store|Building contexts|gen_kwargs|it/s\]|Traceback")
+    assert not [line for line in log if noise.search(line)], "\n".join(log)
+    assert re.search(r"INFO +stage 1/2 world: built \(", first.stderr)
+    assert re.search(r"INFO +stage 2/2 moe_init: built \(", first.stderr)
+    assert not [line for line in log if line.endswith(" ")]  # not laid out to 80 columns
+    assert "mlflow ui --backend-store-uri" in first.stdout
     second = run_demo(path, only=("world", "upcycle"))
     skipped = "skipped (manifest matches)"
     assert second.stages == {"world": skipped, "moe_init": skipped}
-    assert second.parent_run_id == first.parent_run_id
-    client = MlflowClient(first.tracking_uri)
-    assert first.tracking_uri == f"sqlite:///{tmp_path / 'runs' / 'demo' / 'mlflow.db'}"
-    parent = client.get_run(first.parent_run_id)
+    client = MlflowClient(second.tracking_uri)
+    assert second.tracking_uri == f"sqlite:///{tmp_path / 'runs' / 'demo' / 'mlflow.db'}"
+    experiment = client.get_experiment_by_name("deltamoe-demo")
+    parents = client.search_runs([experiment.experiment_id], "tags.`deltamoe.kind` = 'expansion'")
+    assert [p.info.run_id for p in parents] == [second.parent_run_id]  # reattached
+    parent = client.get_run(second.parent_run_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.params["languages.new"] == '["swh_Latn", "rus_Cyrl"]'
     children = client.search_runs([parent.info.experiment_id],
-                                  f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{first.parent_run_id}'")
+                                  f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{second.parent_run_id}'")
     by_stage = {c.data.tags["deltamoe.stage"]: c for c in children}
     assert sorted(by_stage) == ["moe_init", "world"]
     child, upcycled = by_stage["world"], by_stage["moe_init"]
@@ -121,7 +134,7 @@ def test_workflow_tracks_its_stages_and_skips_complete_ones(tmp_path: Path) -> N
     assert sorted(models) == ["moe_init", "world-base-init"]
     assert models["world-base-init"].tags["uri"].endswith("/demo/world/model")
     assert models["moe_init"].tags["uri"].endswith("/demo/models/moe_init")
-    assert "mlflow ui --backend-store-uri" in first.summary()
+    assert "mlflow ui --backend-store-uri" in second.summary()
 
 
 def test_world_refuses_a_foreign_folder(tmp_path: Path) -> None:

@@ -193,6 +193,25 @@ def test_stage_writes_one_json_per_variant(run: dict) -> None:
         assert (local / "eval" / "plots" / png).read_bytes()[:4] == b"\x89PNG"
 
 
+
+def test_evaluated_model_cards_get_a_model_index(run: dict) -> None:
+    """Each evaluated model folder of the run carries its scores in its card's model-index; the
+    folder stays a complete stage (its manifest records the new card)."""
+    from components.cards import read_card
+
+    run_dir, evaluated = run["run_dir"], run["evaluated"]
+    card = read_card(run["local"] / "models" / "deltamoe")
+    assert card["base_model_relation"] == "finetune" and card["base_model"]
+    results = card["model-index"][0]["results"]  # one per (task, language), its metrics inside
+    assert sum(len(r["metrics"]) for r in results) == len(evaluated["deltamoe"])
+    acc = {r["dataset"]["config"]: m["value"] for r in results for m in r["metrics"]
+           if r["dataset"]["type"] == "synthetic_mc" and m["type"] == "acc"}
+    assert acc == {r.lang: round(r.value, 6) for r in evaluated["deltamoe"]
+                   if (r.task, r.metric) == ("synthetic_mc", "acc")}
+    stage = run_dir.stage("models/deltamoe")
+    assert stage.is_complete(stage.read_manifest().fingerprint, verify=True)
+
+
 def test_routing_analysis_of_moe_variants(run: dict) -> None:
     local = run["local"]
     load = json.loads((local / "eval" / "routing" / "load.json").read_text())
@@ -218,10 +237,18 @@ def test_mlflow_has_a_run_per_variant_and_the_tables(run: dict) -> None:
     assert runs[0].data.tags["mlflow.parentRunId"] == tracker.parent_run_id
     rows = _scores(run["evaluated"]["post"])
     key = ("synthetic_instruct", ORIGINAL, "exact_match")
-    assert runs[0].data.metrics[f"eval/synthetic_instruct/{ORIGINAL}/exact_match"] == \
+    assert runs[0].data.metrics[f"eval/synthetic_instruct/exact_match/{ORIGINAL}"] == \
         pytest.approx(rows[key].value)
     moe = client.search_runs([tracker.experiment_id], "tags.variant = 'deltamoe'")[0]
     assert any(k.startswith("router/load/0/") for k in moe.data.metrics)
+    # lm-eval's own record beside the rows, in the part folder and as the run's artifacts
+    lm_eval = json.loads((run["local"] / "eval_parts" / "deltamoe" / "lm_eval" /
+                          "results_scored.json").read_text())
+    assert lm_eval["n-shot"][f"synthetic_mc_{NEW}"] == 0
+    assert lm_eval["configs"][f"synthetic_mc_{NEW}"]["output_type"] == "multiple_choice"
+    assert lm_eval["versions"] and "samples" not in lm_eval  # samples only when asked
+    assert {a.path for a in client.list_artifacts(moe.info.run_id, "lm_eval")} == \
+        {"lm_eval/results_scored.json", "lm_eval/results_generated.json"}
     stage = client.search_runs([tracker.experiment_id], "tags.`deltamoe.stage` = 'evaluate'")[0]
     files = {a.path for a in client.list_artifacts(stage.info.run_id, "eval")}
     assert {"eval/results.json", "eval/comparison.md", "eval/plots", "eval/routing"} <= files

@@ -7,8 +7,11 @@ unchanged — so a rerun after a crash, or after one more baseline was built, ev
 is new. The ``eval`` stage is then assembled from the parts: one JSON per variant (the
 ``{task, lang, metric, value, stderr, n}`` rows), the comparison table, the plots and the routing
 analysis (CPT-MoE vs DeltaMoE: the drift the graft causes). MLflow gets a child run per variant
-(``eval_<variant>``, tagged ``variant=<name>``) with metrics ``eval/<task>/<lang>/<metric>``, and
-the ``evaluate`` child run holds the results table, the plots and the routing tables.
+(``eval_<variant>``, tagged ``variant=<name>``) with metrics ``eval/<task>/<metric>/<lang>`` and
+``eval/<task>/<metric>/avg_original|avg_new`` (the same keys on every variant's run, and on the
+variant's LoggedModel), lm-eval's own outputs under ``lm_eval/``; the final model is registered
+with the ``candidate`` alias. The ``evaluate`` child run holds the results table, the plots and
+the routing tables, and puts the headline on the parent run.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from components.config import RunConfig
 from components.evaluate.results import (
     ResultRow,
     comparison_rows,
+    language_averages,
     primary_metric,
     read_results,
     write_results,
@@ -33,12 +37,15 @@ from components.storage import Manifest, RunDir, StageBuild, fingerprint
 from components.tracking import ExpansionTracker, RankZeroLogger
 
 __all__ = ["EVAL_STAGE", "PARTS", "comparison_table", "discover_variants", "ensure_assembled",
-           "ensure_evaluated", "ensure_variant_evaluated", "read_evaluated", "variant_model_dir"]
+           "ensure_evaluated", "ensure_variant_evaluated", "log_variant", "metric_key",
+           "read_evaluated", "registered_model_name", "variant_metrics", "variant_model_dir"]
 
 log = logging.getLogger(__name__)
 
 EVAL_STAGE = "eval"
 PARTS = "eval_parts"
+LMEVAL = "lm_eval"  # lm-eval's own results (and samples) of a variant, beside its rows
+CANDIDATE_ALIAS = "candidate"
 EVAL_VERSION = 1
 ROUTING_BEFORE_AFTER = ("cpt_moe", "deltamoe")
 ROUTING_DOCS = 32
@@ -122,7 +129,7 @@ def _options(cfg: RunConfig, run_dir: RunDir) -> Any:
         suites=tuple(ev.suites), batch_size=ev.batch_size, limit=ev.limit,
         num_fewshot=ev.num_fewshot, max_gen_tokens=ev.max_gen_tokens,
         world_eval_dir=str(world_eval) if world_eval else None, data_dir=ev.data_dir,
-        original=tuple(cfg.languages.original), seed=cfg.seed,
+        original=tuple(cfg.languages.original), seed=cfg.seed, log_samples=ev.log_samples,
         device="cuda" if cfg.resources.use_gpu else None)
 
 
@@ -182,7 +189,11 @@ def ensure_variant_evaluated(cfg: RunConfig, run_dir: RunDir, name: str,
     def build(work: StageBuild) -> None:
         # lm-eval and torch load only for a part that is built, not for one that is skipped
         from components.evaluate.routing import routing_load
-        from components.evaluate.runner import evaluate_loaded, load_for_eval
+        from components.evaluate.runner import (
+            evaluate_loaded,
+            load_for_eval,
+            write_lmeval_outputs,
+        )
         from components.evaluate.suites import build_suite_tasks
 
         nonlocal rows, load
@@ -192,7 +203,9 @@ def ensure_variant_evaluated(cfg: RunConfig, run_dir: RunDir, name: str,
                           original=list(options.original))
         log.info("evaluating %s (%s)", name, model_dir)
         model, tokenizer = load_for_eval(model_dir, options.device)
-        rows = evaluate_loaded(model, tokenizer, cfg.languages.all, options)
+        outputs: dict[str, Any] = {}
+        rows = evaluate_loaded(model, tokenizer, cfg.languages.all, options, outputs)
+        write_lmeval_outputs(outputs, work.path / LMEVAL)
         load = routing_load(model, tokenizer, texts, max_docs=ROUTING_DOCS) if texts else None
         del model
         write_results(work.path / "results.json", name, rows,
@@ -203,8 +216,13 @@ def ensure_variant_evaluated(cfg: RunConfig, run_dir: RunDir, name: str,
         work.extra["rows"] = len(rows)
 
     manifest, built = stage.ensure(fp, build, inputs={"model": str(model_dir)}, config=settings)
+    if built and run_dir.local_path is not None \
+            and Path(model_dir).resolve() == (run_dir.local_path / "models" / name).resolve():
+        from components.cards import add_results
+
+        add_results(run_dir.stage(f"models/{name}"), rows)  # model-index on the model's card
     if built and logger is not None:
-        _log_variant(logger, name, model_dir, fp, rows, load)
+        log_variant(logger, cfg, run_dir, name, model_dir, fp, rows, load)
     return manifest, built
 
 
@@ -263,15 +281,80 @@ def _assemble(cfg: RunConfig, run_dir: RunDir, evaluated: Mapping[str, list[Resu
             "comparison": comparison_rows(evaluated, original, new)}
 
 
-def _log_variant(logger: RankZeroLogger, name: str, model_dir: Path, fp: str,
-                 rows: Sequence[ResultRow], load: Any) -> None:
+def metric_key(task: str, metric: str, lang: str) -> str:
+    """MLflow key of one score: ``eval/<task>/<metric>/<lang>`` (``lang`` also ``avg_original``
+    / ``avg_new``). The UI puts the charts of one key prefix in one section, so every language of
+    a metric, and its two averages, sit side by side; every variant run uses the same keys, so a
+    chart (or the compare view's table) sets the variants against each other."""
+    return f"eval/{task}/{metric}/{lang}"
+
+
+def variant_metrics(cfg: RunConfig, rows: Sequence[ResultRow]) -> dict[str, float]:
+    """Every row of one variant, and each (task, metric)'s original/new averages."""
+    metrics = {metric_key(r.task, r.metric, r.lang): r.value for r in rows}
+    averages = language_averages(rows, cfg.languages.original, cfg.languages.new)
+    for (task, metric), groups in averages.items():
+        for group, value in groups.items():
+            if value is not None:
+                metrics[metric_key(task, metric, f"avg_{group}")] = value
+    return metrics
+
+
+def _lineage(cfg: RunConfig, run_dir: RunDir, name: str) -> dict[str, str]:
+    """Where variant ``name`` came from: the model pair, what it was trained or grafted onto,
+    and the training data (its URI and fingerprint)."""
+    from components.variants import VARIANTS, graft_target
+
+    if cfg.models is not None:  # as configured: a hub id stays an id, nothing is fetched
+        lineage = {"base": cfg.models.base, "post": cfg.models.post}
+    else:  # the world's own pair
+        pretrained = cfg.world is not None and cfg.world.base_steps > 0
+        lineage = {"base": f"{run_dir.uri}/{'models/base' if pretrained else 'world/model'}",
+                   "post": f"{run_dir.uri}/models/post"}
+    v = VARIANTS.get(name)
+    if v is None or (v.train is None and v.graft is None):
+        return lineage
+    if v.graft is not None:
+        lineage["target"] = f"{run_dir.uri}/models/{graft_target(v)}"
+        lineage["method"] = v.graft
+    elif v.train == "moe" and v.upcycled:
+        lineage["target"] = f"{run_dir.uri}/models/{v.upcycled}"
+    elif v.train == "dense":
+        lineage["target"] = lineage["base"]
+    trained = v.trained or (VARIANTS[v.graft_onto].trained if v.graft_onto else None)
+    data = run_dir.stage("data").read_manifest()
+    if trained is not None and data is not None:
+        lineage["data"] = f"{run_dir.uri}/data (fingerprint {data.fingerprint[:16]})"
+    return lineage
+
+
+def log_variant(logger: RankZeroLogger, cfg: RunConfig, run_dir: RunDir, name: str,
+                model_dir: Path, fp: str, rows: Sequence[ResultRow], load: Any) -> None:
+    """The variant's run: its scores under the keys every variant shares (also on its
+    LoggedModel, with its lineage), its router load, lm-eval's own outputs; the run's final
+    model is registered with the ``candidate`` alias."""
     logger.set_tags({"variant": name})
     logger.log_params({"variant": name, "model": str(model_dir), "eval_fingerprint": fp})
-    metrics = {f"eval/{r.task}/{r.lang}/{r.metric}": r.value for r in rows}
+    uri = model_dir.resolve().as_uri()
+    model_id = logger.variant_model(name, uri, _lineage(cfg, run_dir, name))
+    logger.log_metrics(variant_metrics(cfg, rows), step=0, model_id=model_id)
     if load:
-        metrics.update({f"router/load/{layer}/{e}/{lang}": share for layer, by in load.items()
-                        for lang, row in by.items() for e, share in enumerate(row)})
-    logger.log_metrics(metrics, step=0)
+        logger.log_metrics({f"router/load/{layer}/{e}/{lang}": share
+                            for layer, by in load.items() for lang, row in by.items()
+                            for e, share in enumerate(row)}, step=0)
+    part = Path(run_dir.stage(f"{PARTS}/{name}").path)
+    if (part / LMEVAL).is_dir() and logger.is_rank_zero:
+        logger.client.log_artifacts(logger.run_id, str(part / LMEVAL), LMEVAL)
+    if name == cfg.graft.method and model_id is not None:
+        version = logger.register_model(registered_model_name(cfg), model_id, uri,
+                                        CANDIDATE_ALIAS)
+        log.info("registered %s version %s as %r", registered_model_name(cfg), version,
+                 CANDIDATE_ALIAS)
+
+
+def registered_model_name(cfg: RunConfig) -> str:
+    """The Model Registry entry of a run's final model: ``<run_name>-<graft method>``."""
+    return f"{cfg.run_name}-{cfg.graft.method}"
 
 
 def read_evaluated(run_dir: RunDir, variants: Sequence[str]) -> dict[str, list[ResultRow]]:
@@ -320,7 +403,7 @@ def ensure_assembled(cfg: RunConfig, run_dir: RunDir, variants: Sequence[str],
     manifest, built = stage.ensure(stage_fp, build, inputs={"variants": list(evaluated)},
                                    config={"fingerprints": fps})
     if built and logger is not None:
-        _log_stage(logger, Path(stage.path), summary)
+        _log_stage(logger, cfg, Path(stage.path), summary)
     return manifest, built
 
 
@@ -349,7 +432,8 @@ def ensure_evaluated(cfg: RunConfig, run_dir: RunDir, variants: Mapping[str, Pat
     return read_evaluated(run_dir, manifest.extra["variants"])
 
 
-def _log_stage(logger: RankZeroLogger, folder: Path, summary: Mapping[str, Any]) -> None:
+def _log_stage(logger: RankZeroLogger, cfg: RunConfig, folder: Path,
+               summary: Mapping[str, Any]) -> None:
     import pandas as pd
 
     client = logger.client
@@ -362,13 +446,37 @@ def _log_stage(logger: RankZeroLogger, folder: Path, summary: Mapping[str, Any])
     client.log_artifacts(logger.run_id, str(folder / "plots"), "eval/plots")
     if (folder / "routing").is_dir():
         client.log_artifacts(logger.run_id, str(folder / "routing"), "eval/routing")
-    metrics = {}
-    for row in summary["comparison"]:
+    logger.log_parent_summary(*_headline(cfg, summary["comparison"], summary["table"]))
+
+
+def _headline(cfg: RunConfig, comparison: Sequence[Mapping[str, Any]], table: str
+              ) -> tuple[dict[str, float], str]:
+    """The parent run's summary: the final model's original/new averages of each task's main
+    metric (``summary/<task>/<metric>/avg_<group>``) and their change from the post-trained
+    model (``…/avg_<group>_vs_post``); its description says what was expanded, with the
+    table. (Each variant's own run has its averages under keys all variants share.)"""
+    final, cells = cfg.graft.method, {(r["variant"], r["task"], r["metric"]): r
+                                      for r in comparison}
+    metrics: dict[str, float] = {}
+    for (variant, task, metric), row in cells.items():
+        if variant != final:
+            continue
+        post = cells.get(("post", task, metric), {})
         for group in ("original", "new"):
-            if row[group] is not None:
-                metrics[f"eval/{row['task']}/avg_{group}/{row['metric']}/{row['variant']}"] \
-                    = row[group]
-    logger.log_metrics(metrics, step=0)
+            if row[group] is None:
+                continue
+            metrics[f"summary/{task}/{metric}/avg_{group}"] = row[group]
+            if post.get(group) is not None:
+                metrics[f"summary/{task}/{metric}/avg_{group}_vs_post"] = \
+                    row[group] - post[group]
+    pair = f"`{cfg.models.base}` + `{cfg.models.post}`" if cfg.models is not None \
+        else "the synthetic world's base and post-trained pair"
+    description = (f"**{cfg.run_name}**: {pair} expanded from "
+                   f"{', '.join(cfg.languages.original)} to {', '.join(cfg.languages.new)} "
+                   f"with {final} ({cfg.upcycle.num_experts} experts, "
+                   f"{cfg.train.steps} CPT steps). Averages of each task's main metric over the "
+                   f"original and the new languages:\n\n{table}\n")
+    return metrics, description
 
 
 def comparison_table(cfg: RunConfig, evaluated: Mapping[str, Sequence[ResultRow]]) -> str:

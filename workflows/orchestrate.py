@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from components.config import RunConfig, StageResources
 from components.storage import RunDir, placement
-from components.tracking import ExpansionTracker, RankZeroLogger
+from components.tracking import ExpansionTracker, RankZeroLogger, StageRuns
 from workflows.plan import Node
 
 __all__ = ["Outcome", "run_nodes", "task_options"]
@@ -89,10 +89,14 @@ def task_options(kind: str, cfg: RunConfig) -> dict[str, Any]:
     return options
 
 
-def _execute(node: Node, cfg: RunConfig, run_dir: RunDir, tracking_uri: str, run_id: str,
-             threads: int, cwd: str) -> dict[str, Any]:
+def _execute(node: Node, cfg: RunConfig, run_dir: RunDir, runs: StageRuns, threads: int,
+             cwd: str) -> dict[str, Any]:
     """The body of every node's Ray task: bound torch's threads to the task's CPUs (two
-    branches on one machine must not each take every core), then build the stage."""
+    branches on one machine must not each take every core), open the node's MLflow run (its
+    start time is when the work starts, not when the task was queued), build the stage."""
+    from workflows.logs import quiet_third_party
+
+    quiet_third_party()  # a worker's lm-eval / transformers chatter at WARNING unless -v
     if os.path.isdir(cwd):
         os.chdir(cwd)  # relative paths of the config mean what they meant to the driver
     torch = sys.modules.get("torch")
@@ -100,11 +104,12 @@ def _execute(node: Node, cfg: RunConfig, run_dir: RunDir, tracking_uri: str, run
         torch.set_num_threads(threads)
     else:  # read when a stage first imports torch; a stage without torch pays nothing
         os.environ["OMP_NUM_THREADS"] = str(threads)
-    logger = RankZeroLogger(tracking_uri, run_id, rank=0)
     started = time.time()
+    run_id = runs.open(node.name)
+    logger = RankZeroLogger(runs.tracking_uri, run_id, rank=0)
     _, built = node.work(cfg, run_dir, logger)
     return {"built": built, "started_at": started, "finished_at": time.time(),
-            "placement": placement()}
+            "placement": placement(), "run_id": run_id}
 
 
 def _cause(err: BaseException) -> BaseException:
@@ -113,8 +118,10 @@ def _cause(err: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else err
 
 
-def _finish(tracker: ExpansionTracker, run_id: str, ok: bool) -> None:
-    tracker.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+def _finish(tracker: ExpansionTracker, run_id: str, ok: bool,
+            finished_at: float | None = None) -> None:
+    tracker.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED",
+                                  end_time=int((finished_at or time.time()) * 1000))
 
 
 def run_nodes(nodes: list[Node], cfg: RunConfig, run_dir: RunDir, tracker: ExpansionTracker,
@@ -129,14 +136,21 @@ def run_nodes(nodes: list[Node], cfg: RunConfig, run_dir: RunDir, tracker: Expan
                                     if n.name not in selected}
     waiting = [n for n in nodes if n.name in selected]
     total = len(waiting)
-    running: dict[Any, tuple[Node, str, float]] = {}
+    running: dict[Any, tuple[Node, float]] = {}
     cwd = os.getcwd()
+    runs = tracker.stage_runs()
+
+    evaluations = [n.name for n in waiting if n.kind == "evaluate"]
 
     def record(node: Node, outcome: Outcome) -> None:
         outcomes[node.name] = outcome
         done = sum(1 for n in nodes if n.name in selected and n.name in outcomes)
         where = outcome.placement.get("node_id", "")
-        log.info("stage %d/%d %s: %s%s", done, total, node.name, outcome.line(),
+        what = node.name
+        if node.name in evaluations:  # "evaluate 3/6 deltamoe": how far the variants are
+            evaluated = sum(1 for n in evaluations if n in outcomes)
+            what = f"evaluate {evaluated}/{len(evaluations)} {node.name.removeprefix('eval_')}"
+        log.info("stage %d/%d %s: %s%s", done, total, what, outcome.line(),
                  f" ({outcome.seconds:.1f} s{', node ' + where[:8] if where else ''})"
                  if outcome.state in ("built", "skipped") else "")
 
@@ -153,12 +167,11 @@ def run_nodes(nodes: list[Node], cfg: RunConfig, run_dir: RunDir, tracker: Expan
                 continue
             waiting.remove(node)
             progressed = True
-            run_id = tracker.stage_run_id(node.name)
             options = task_options(node.kind, cfg)
             threads = max(1, int(options.get("num_cpus") or 1))
             ref = remote.options(name=node.name, **options).remote(
-                node, cfg, run_dir, tracker.tracking_uri, run_id, threads, cwd)
-            running[ref] = (node, run_id, time.time())
+                node, cfg, run_dir, runs, threads, cwd)
+            running[ref] = (node, time.time())
         if not running:
             if not progressed:  # only needs outside the plan are left: never wait forever
                 for node in waiting:
@@ -167,16 +180,16 @@ def run_nodes(nodes: list[Node], cfg: RunConfig, run_dir: RunDir, tracker: Expan
             continue
         ready, _ = ray.wait(list(running), num_returns=1)
         for ref in ready:
-            node, run_id, launched = running.pop(ref)
+            node, launched = running.pop(ref)
             try:
                 info = ray.get(ref)
             except Exception as err:  # the stage failed: its dependants are blocked
                 cause = _cause(err)
-                _finish(tracker, run_id, ok=False)
+                _finish(tracker, tracker.stage_run_id(node.name), ok=False)
                 record(node, Outcome("failed", seconds=time.time() - launched,
                                      detail=_first_line(cause), error=cause))
                 continue
-            _finish(tracker, run_id, ok=True)
+            _finish(tracker, info["run_id"], ok=True, finished_at=info["finished_at"])
             record(node, Outcome("built" if info["built"] else "skipped",
                                  seconds=info["finished_at"] - info["started_at"],
                                  placement=info["placement"], started_at=info["started_at"],

@@ -8,9 +8,13 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -24,24 +28,48 @@ from components.config.names import (
     VariantName,
     _lang_tag,
     _MaskedOptions,
+    mask_paths,
 )
 
 
 class _Section(BaseModel):
-    """Base of every section: unknown keys are errors, values are immutable once loaded."""
+    """Base of every section: unknown keys are errors, values are immutable once loaded.
+    ``_secret_paths`` are the key paths (set by the loader) whose values came from a
+    credential-named ``${VAR}``: a JSON dump masks them."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    _secret_paths: tuple[tuple[Any, ...], ...] = PrivateAttr(default=())
+
+    @model_serializer(mode="wrap")
+    def _mask_interpolated(self, handler: SerializerFunctionWrapHandler,
+                           info: SerializationInfo) -> Any:
+        data = handler(self)
+        if self._secret_paths and info.mode_is_json():
+            data = mask_paths(data, self._secret_paths)
+        return data
 
 
 class ModelsConfig(_Section):
-    """The dense model pair: ``base`` and its post-trained sibling (local path or hub id)."""
+    """The dense model pair: ``base`` and its post-trained sibling (local path or hub id).
+
+    There is no ``trust_remote_code``: every model is loaded with it off. Upcycling and grafting
+    take only the families of :mod:`components.moe.families` (transformers' own classes), so
+    turning it on could make no further model work, only run a checkpoint's Python."""
 
     base: str = Field(min_length=1)
     post: str = Field(min_length=1)
     revision: str | None = None
-    trust_remote_code: bool = False
     hf_token: SecretStr | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_remote_code(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "trust_remote_code" in data:
+            raise ValueError("models.trust_remote_code is not supported: models are always "
+                             "loaded without running their own code, and the families this "
+                             "project upcycles and grafts need none; remove the key")
+        return data
 
 
 class LanguagesConfig(_Section):
@@ -106,7 +134,9 @@ class FilterThresholds(_Section):
     """Document quality filters; ``None`` disables a filter."""
 
     min_chars: int | None = Field(20, ge=0)
-    max_chars: int | None = Field(None, ge=1)
+    max_chars: int | None = Field(100_000, ge=1, description=(
+        "longer documents are dropped (counted as max_chars) before language ID and "
+        "tokenization: one 50 MB line took a worker to 7 GB; None keeps every length"))
     max_duplicate_line_fraction: float | None = Field(0.3, ge=0.0, le=1.0)
     max_non_alpha_fraction: float | None = Field(0.5, ge=0.0, le=1.0)
 
@@ -122,6 +152,9 @@ class DedupConfig(_Section):
     minhash: bool = False
     minhash_threshold: float = Field(0.8, gt=0.0, le=1.0)
     num_perm: int = Field(128, ge=16)
+    scope: Literal["language", "global"] = Field("language", description=(
+        "language: a document is a duplicate only of one in its own language; global: of any "
+        "(the copy with the smaller (source, file, row) key is kept)"))
 
 
 class MixConfig(_Section):
@@ -137,6 +170,9 @@ class MixConfig(_Section):
     tokens_per_language: dict[LangTag, Annotated[int, Field(ge=0)]] = Field(
         default_factory=dict
     )
+    mode: Literal["ratio", "all"] = Field("ratio", description=(
+        "ratio: the shares above (capped by the scarcest language); all: every kept token "
+        "trains, and the shares that gives are reported"))
 
 
 class DataConfig(_Section):
@@ -154,6 +190,10 @@ class DataConfig(_Section):
     filters: FiltersConfig = FiltersConfig()
     dedup: DedupConfig = DedupConfig()
     mix: MixConfig = MixConfig()
+    rehydrate: dict[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=0)]] = Field(
+        default_factory=dict, description=(
+            "FineWeb2 rehydration: minimum minhash_cluster_size → copies of a document (the "
+            "largest key not above its cluster size applies); empty: off"))
 
 
 class AllocationConfig(_Section):
@@ -224,6 +264,14 @@ class TrainConfig(_Section):
     lpr_coef: float = Field(0.0, ge=0.0)
     precision: Literal["bf16", "fp32"] = "bf16"
     activation_checkpointing: bool = False
+    experts_implementation: Literal["auto", "eager", "grouped_mm", "batched_mm"] = Field(
+        "auto", description="MoE experts kernel (transformers' switch; the package's own class "
+        "has eager and grouped_mm); auto: grouped_mm on a GPU with a native grouped GEMM, "
+        "eager elsewhere (measured faster on CPU)")
+    compile: bool = Field(False, description="torch.compile each decoder block's forward")
+    prefetch: int = Field(2, ge=0, description="batches loaded ahead in a background thread")
+    peak_tflops: float | None = Field(None, gt=0.0, description="per-device peak for train/mfu "
+                                      "(default: known GPUs' dense bf16 peak; none on CPU)")
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)
@@ -236,9 +284,12 @@ TensorFamily = Literal["attention", "mlp", "norm", "embed", "lm_head"]
 
 class GraftConfig(_Section):
     method: GraftMethod = "deltamoe"
-    scale: float = Field(1.0, description="λ: global scale of Δpost")
-    expert_scales: dict[int, float] = Field(default_factory=dict, description="α_e per expert")
-    family_scales: dict[TensorFamily, float] = Field(default_factory=dict)
+    # finite only: a NaN or Inf scale would fail late as an fp32 overflow
+    scale: float = Field(1.0, allow_inf_nan=False, description="λ: global scale of Δpost")
+    expert_scales: dict[Annotated[int, Field(ge=0)], Annotated[float, Field(allow_inf_nan=False)]
+                        ] = Field(default_factory=dict, description="α_e per expert")
+    family_scales: dict[TensorFamily, Annotated[float, Field(allow_inf_nan=False)]] = Field(
+        default_factory=dict)
     density: float = Field(1.0, gt=0.0, le=1.0, description="TIES/DARE share of Δ kept")
     seed: int = 0
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -258,6 +309,8 @@ class EvaluationConfig(_Section):
     num_fewshot: int = Field(0, ge=0)
     max_gen_tokens: int = Field(32, ge=1)
     variants: list[VariantName] | None = None
+    log_samples: bool = Field(False, description="keep lm-eval's per-sample outputs as "
+                              "artifacts of each variant's evaluation")
 
 
 class TrackingConfig(_Section):
@@ -364,8 +417,9 @@ class RunConfig(_Section):
     def cross_section_issues(self) -> list[tuple[str, str]]:
         """Rules that span sections; pydantic checks each section alone."""
         issues: list[tuple[str, str]] = []
-        if self.models is None and self.world is None:
-            issues.append(("models", "required unless a synthetic `world` section makes the pair"))
+        if self.models is None and self.world is None and self.data.tokenizer is None:
+            issues.append(("models", "required unless a synthetic `world` section makes the "
+                                     "pair (or, for the data stage alone, data.tokenizer is set)"))
         run_langs = set(self.languages.all)
         alloc = self.upcycle.allocation
         for group, members in alloc.groups.items():

@@ -5,13 +5,15 @@ The model is loaded once (``AutoModelForCausalLM``, no remote code; importing
 ``HFLM``, so every suite runs on the same weights (bf16 on a GPU, fp32 on CPU). Tasks whose
 answer is generated (instructions, MGSM, FLORES) get the tokenizer's chat template; scored tasks
 (perplexity, multiple choice) see plain text. Each group is one ``simple_evaluate`` call over
-config dicts, so tasks read local files only.
+config dicts, so tasks read local files only. lm-eval's own record of each call (task configs,
+versions, n-shot, and the samples when asked) is kept by :func:`write_lmeval_outputs`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -20,7 +22,8 @@ from typing import Any
 from components.evaluate.results import ResultRow, merge_rows, rows_from_lmeval
 from components.evaluate.suites import build_suite_tasks
 
-__all__ = ["EvalOptions", "evaluate_loaded", "evaluate_model", "load_for_eval"]
+__all__ = ["EvalOptions", "evaluate_loaded", "evaluate_model", "load_for_eval",
+           "write_lmeval_outputs"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,7 @@ class EvalOptions:
     chat_template: bool = True
     bootstrap_iters: int = 100
     seed: int = 0
+    log_samples: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -81,8 +85,10 @@ def load_for_eval(model_dir: str | Path, device: str | None = None) -> tuple[Any
 
 
 def evaluate_loaded(model: Any, tokenizer: Any, languages: Sequence[str],
-                    options: EvalOptions) -> list[ResultRow]:
-    """Rows for every suite × language on an already loaded model."""
+                    options: EvalOptions, outputs: dict[str, Any] | None = None
+                    ) -> list[ResultRow]:
+    """Rows for every suite × language on an already loaded model; ``outputs`` (when given)
+    receives lm-eval's own results dict of each call, keyed ``scored`` / ``generated``."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -108,14 +114,43 @@ def evaluate_loaded(model: Any, tokenizer: Any, languages: Sequence[str],
             model=lm, tasks=[cfg for cfg, _, _ in group.values()],
             num_fewshot=options.num_fewshot or None, limit=options.limit,
             apply_chat_template=chat, fewshot_as_multiturn=chat and options.num_fewshot > 0,
-            task_manager=_inline_tasks(), log_samples=False,
+            task_manager=_inline_tasks(), log_samples=options.log_samples,
             bootstrap_iters=options.bootstrap_iters,
             random_seed=options.seed, numpy_random_seed=options.seed,
             torch_random_seed=options.seed, fewshot_random_seed=options.seed)
         if results is None:
             raise RuntimeError("lm-eval returned no results (not rank 0?)")
         rows += rows_from_lmeval(results, {n: (t, lang) for n, (_, t, lang) in group.items()})
+        if outputs is not None:
+            outputs["generated" if chat else "scored"] = results
     return merge_rows(rows)
+
+
+def write_lmeval_outputs(outputs: Mapping[str, Any], folder: Path) -> list[Path]:
+    """lm-eval's results of each call as ``results_<call>.json`` (everything but the samples:
+    task configs, versions, n-shot, n-samples, the environment) and, when they were logged,
+    ``samples_<call>/<task>.jsonl``; the files written. What a reader needs to trust a number
+    or re-run it with lm-eval itself."""
+    from lm_eval.utils import handle_non_serializable
+
+    def dump(data: Any) -> str:
+        return json.dumps(data, indent=1, default=handle_non_serializable, ensure_ascii=False)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for call, results in outputs.items():
+        kept = {k: v for k, v in results.items() if k != "samples"}
+        path = folder / f"results_{call}.json"
+        path.write_text(dump(kept) + "\n", encoding="utf-8")
+        written.append(path)
+        for task, samples in (results.get("samples") or {}).items():
+            path = folder / f"samples_{call}" / f"{task}.jsonl"
+            path.parent.mkdir(exist_ok=True)
+            path.write_text("".join(json.dumps(s, default=handle_non_serializable,
+                                               ensure_ascii=False) + "\n" for s in samples),
+                            encoding="utf-8")
+            written.append(path)
+    return written
 
 
 def evaluate_model(model_dir: str | Path, *, suites: Sequence[str], languages: Sequence[str],

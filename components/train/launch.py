@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 import threading
 import time
@@ -60,6 +61,7 @@ def run(spec: TrainSpec) -> TrainResult:
     starts_before = len(_starts(run_dir))
     latest = latest_checkpoint(run_dir)
     if latest is None or read_state(latest)["step"] < total:
+        _log_training_data(spec)
         launch = {"inline": _inline, "spawn": _spawn}.get(spec.resources.launcher, _ray)
         launch(spec, languages, seq_len, run_dir, total)
         latest = latest_checkpoint(run_dir)
@@ -69,7 +71,7 @@ def run(spec: TrainSpec) -> TrainResult:
     if state["step"] < total:
         raise TrainError(f"{latest}: the newest checkpoint holds step {state['step']} of {total}")
     starts = _starts(run_dir)[starts_before:]
-    card = _card(spec, state)
+    card = _card(spec, state, languages)
     # Under a caller's process group (torchrun, mp.spawn) every rank gets here; one exports.
     grouped = dist.is_initialized() and dist.get_world_size() > 1
     if not grouped or dist.get_rank() == 0:
@@ -91,6 +93,27 @@ def _starts(run_dir: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _log_training_data(spec: TrainSpec) -> None:
+    """The packed training data as the MLflow run's dataset input (folder, digest, rows and
+    tokens per language), logged by rank 0 when training starts."""
+    if spec.tracking_uri and spec.mlflow_run_id:
+        from components.tracking import RankZeroLogger, parquet_dataset
+
+        rank = int(os.environ.get("RANK", "0"))  # torchrun's ranks all get here
+        try:
+            dataset = parquet_dataset(list(spec.train_paths))
+        except (OSError, ValueError, KeyError) as err:  # a record, never a reason to stop
+            log.warning("training data not recorded as an MLflow dataset: %s", err)
+            return
+        RankZeroLogger(spec.tracking_uri, spec.mlflow_run_id, rank=rank).log_dataset(**dataset)
+
+
+def _label(spec: TrainSpec) -> str:
+    """What a progress bar calls a run: its checkpoint folder (the variant, e.g. ``cpt_moe``),
+    not ``run_name`` (a fingerprint prefix)."""
+    return Path(spec.checkpoint_root).name or spec.run_name
 
 
 class _Progress:
@@ -140,7 +163,7 @@ def _inline(spec: TrainSpec, languages: list[str], seq_len: int, run_dir: Path,
     try:
         session = InlineSession(run_dir, spec.train.keep_checkpoints, spec.train_paths, spec.seed)
         show = progress and session.rank == 0
-        bar = _Progress(run_dir, total, spec.run_name) if show else nullcontext()
+        bar = _Progress(run_dir, total, _label(spec)) if show else nullcontext()
         with bar:
             Worker(spec, session, languages, seq_len).run()
     finally:
@@ -160,7 +183,7 @@ def _spawn(spec: TrainSpec, languages: list[str], seq_len: int, run_dir: Path,
     store.close()
     Path(store.name).unlink()  # the file store must not exist before the group forms
     try:
-        with _Progress(run_dir, total, spec.run_name):
+        with _Progress(run_dir, total, _label(spec)):
             mp.spawn(_spawned_rank, args=(spec, languages, seq_len, run_dir, total, store.name,
                                           world), nprocs=world, join=True)
     except mp.ProcessRaisedException as err:
@@ -225,7 +248,7 @@ def _ray(spec: TrainSpec, languages: list[str], seq_len: int, run_dir: Path,
         datasets={"train": dataset},
     )
     try:
-        with _Progress(run_dir, total, spec.run_name):
+        with _Progress(run_dir, total, _label(spec)):
             trainer.fit()
     except ray.train.TrainingFailedError as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
@@ -245,13 +268,22 @@ def in_memory_bytes(paths: list[str]) -> int:
     return total
 
 
-def _card(spec: TrainSpec, state: dict[str, Any]) -> str:
-    lines = [f"# {Path(spec.out_dir).name}", "",
-             f"Trained by deltamoe ({spec.mode}) from `{spec.init_dir}`.", "",
+def _card(spec: TrainSpec, state: dict[str, Any], languages: list[str]) -> str:
+    """The exported model's card: a finetune of the model training started from (none for
+    ``pretrain``, which only borrows its shapes), in the languages of the training data."""
+    from components.cards import clean_title, render_card
+
+    files = sorted({Path(p).parent.name + "/" + Path(p).name for p in spec.train_paths})
+    lines = [f"Trained by deltamoe ({spec.mode}) from `{spec.init_dir}`.", "",
              f"- steps: {state['step']}", f"- tokens: {state['tokens']}",
-             f"- data: {', '.join(spec.train_paths)}"]
+             f"- data: {len(spec.train_paths)} parquet files ({', '.join(files[:8])}"
+             f"{', …' if len(files) > 8 else ''}), languages {', '.join(languages)}"]
     final = state.get("final", {})
     if final:
         lines.append("- validation loss: " + ", ".join(f"{k} {v:.4f}" for k, v in
                                                        sorted(final.items())))
-    return "\n".join(lines) + "\n"
+    pretrain = spec.mode == "pretrain"
+    return render_card(clean_title(spec.out_dir), "\n".join(lines),
+                       base_model=[] if pretrain else [spec.init_dir],
+                       relation=None if pretrain else "finetune", languages=languages,
+                       inputs=[] if pretrain else [spec.init_dir], tags=[spec.mode])

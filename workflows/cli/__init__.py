@@ -12,7 +12,7 @@ import sys
 import click
 
 from components.config import ConfigError
-from workflows.cli import cluster, models, reports, runs  # noqa: F401  (register commands)
+from workflows.cli import cluster, cost, models, reports, runs  # noqa: F401  (register commands)
 from workflows.cli.app import DEMO_CONFIG, REPRODUCE_CONFIG, UserError, cli
 
 __all__ = ["DEMO_CONFIG", "REPRODUCE_CONFIG", "UserError", "cli", "main"]

@@ -9,7 +9,6 @@ commands (:mod:`.runs`, :mod:`.models`), cluster commands (:mod:`.cluster`), rep
 from __future__ import annotations
 
 import importlib
-import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,18 +53,10 @@ class UserError(click.ClickException):
     exit_code = 2
 
 
-def _setup_logging(verbose: bool) -> None:
-    from rich.logging import RichHandler
-
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)])
-    for noisy in ("alembic", "mlflow.store.db.utils", "mlflow.tracking", "urllib3", "filelock",
-                  "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Debug logging, and third-party libraries' INFO lines (lm-eval, transformers, "
+              "MLflow, Ray).")
 @click.version_option(package_name="deltamoe")
 def cli(verbose: bool) -> None:
     """DeltaMoE: add languages to an instruct LLM without alignment data.
@@ -73,7 +64,9 @@ def cli(verbose: bool) -> None:
     Upcycle the dense base into a language-allocated MoE, continue pre-training on the new
     languages, then graft the post-training delta (θ_instruct − θ_base) onto it.
     """
-    _setup_logging(verbose)
+    from workflows.logs import setup_logging
+
+    setup_logging(verbose)
 
 
 def parse_overrides(pairs: tuple[str, ...]) -> dict[str, object]:

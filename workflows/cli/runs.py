@@ -30,6 +30,12 @@ def config() -> None:
 def config_validate(file: Path) -> None:
     """Check FILE; on error print each bad key's path (and line) and exit 2."""
     cfg = load_config(file)
+    from components.config import ConfigError
+    from components.data.validate import source_issues
+
+    issues = source_issues(cfg.data, cfg.languages.all)
+    if issues:
+        raise ConfigError(issues, str(file))
     click.echo(f"{file}: valid (run '{cfg.run_name}', original "
                f"{', '.join(cfg.languages.original)}; new {', '.join(cfg.languages.new)})")
 
@@ -163,9 +169,17 @@ def evaluate(config: Path, data_dir: str | None, variants: tuple[str, ...], limi
               help="Override a config key (dotted path).")
 def data_command(config: Path, overrides: tuple[str, ...]) -> None:
     """Read, language-tag, filter, dedup, tokenize, mix and pack the corpora into ``data/``."""
-    from workflows.data_stage import STAGE
+    from components.storage import RunDir
+    from workflows.data_stage import STAGE, complete_data_manifest
 
-    run_dir, manifest, built = run_stage(config, overrides, "data", STAGE)
+    cfg = load_config(config, overrides=parse_overrides(overrides))
+    done = complete_data_manifest(cfg, RunDir(cfg.storage.root, cfg.run_name,
+                                              cfg.storage.storage_options))
+    if done is not None:  # a finished stage: answered before Ray starts
+        run_dir, manifest, built = (RunDir(cfg.storage.root, cfg.run_name,
+                                           cfg.storage.storage_options), done, False)
+    else:
+        run_dir, manifest, built = run_stage(config, overrides, "data", STAGE)
     where = run_dir.stage(STAGE).uri
     if not built:
         click.echo(f"{where}: already complete, skipped")
@@ -227,6 +241,8 @@ def reproduce(config: Path | None, seeds: str, out_file: Path | None,
     seed_list = int_list("--seeds", seeds)
     if not seed_list:
         raise UserError("--seeds: give at least one seed")
+    if out_file is not None and out_file.resolve() == Path(config).resolve():
+        raise UserError(f"--out {out_file}: is the config it reads; choose another file")
     cfg = load_config(config, overrides=parse_overrides(overrides))
     shown = Path(config)
     try:
