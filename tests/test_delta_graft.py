@@ -381,27 +381,30 @@ def test_graft_command_interrupted_then_rerun_is_byte_identical(tmp_path: Path) 
     cpt = _perturbed(base, tmp_path / "cpt", seed=2)
     args = ["graft", "--base", str(base), "--post", str(post), "--target", str(cpt),
             "--method", "dare", "--density", "0.5", "--max-shard-size", "300KB"]
-    clean = _cli(*args, "--out", str(tmp_path / "clean"), "--verify")
+    # the two outputs share their folder name (the card's title is the output's name)
+    clean_dir = tmp_path / "clean" / "dare"
+    clean = _cli(*args, "--out", str(clean_dir), "--verify")
     assert clean.returncode == 0, clean.stderr
     assert "verified" in clean.stdout and "dare written" in clean.stdout
-    out = tmp_path / "interrupted"
+    killed = tmp_path / "killed"
+    out = killed / "dare"
     proc = subprocess.Popen([sys.executable, "-m", "workflows.cli", *args, "--out", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and not list(tmp_path.glob("interrupted*/unit-*.safetensors")):
+    while time.time() < deadline and not list(killed.glob("dare*/unit-*.safetensors")):
         time.sleep(0.005)
     proc.kill()
     proc.wait()
-    assert list(tmp_path.glob("interrupted*/unit-*.safetensors")), "killed before any write"
+    assert list(killed.glob("dare*/unit-*.safetensors")), "killed before any write"
     assert not (out / "manifest.json").exists()
-    assert not list(tmp_path.glob("interrupted*/model.safetensors.index.json"))
+    assert not list(killed.glob("dare*/model.safetensors.index.json"))
     rerun = _cli(*args, "--out", str(out))
     assert rerun.returncode == 0, rerun.stderr
-    files = sorted(p.name for p in (tmp_path / "clean").iterdir() if p.name != "manifest.json")
+    files = sorted(p.name for p in clean_dir.iterdir() if p.name != "manifest.json")
     assert files == sorted(p.name for p in out.iterdir() if p.name != "manifest.json")
     for name in files:
-        assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith("interrupted.")]
+        assert (out / name).read_bytes() == (clean_dir / name).read_bytes(), name
+    assert not [p for p in killed.iterdir() if p.name.startswith("dare.")]
     again = _cli(*args, "--out", str(out))
     assert "already complete, skipped" in again.stdout
 

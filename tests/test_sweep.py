@@ -179,7 +179,7 @@ def test_sweep_submit_one_job_per_set_then_the_summary_reads_mlflow(tmp_path, mo
     (folder / "plots").mkdir(parents=True)
     flat = [{"variant": "deltamoe", **r.to_dict()} for r in rows]
     with swh.stage("evaluate") as logger:
-        _log_stage(logger, folder, {
+        _log_stage(logger, load_config(config), folder, {
             "flat": flat, "routing": [], "table": "t",
             "comparison": comparison_rows({"deltamoe": rows}, ["eng_Latn", "deu_Latn"],
                                           ["swh_Latn"])})
