@@ -4,6 +4,7 @@ MoE, keeps frozen tensors bit-identical and exports fp32 weights in the init's f
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,25 +18,36 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def test_bf16_fsdp2_on_one_gpu(tmp_path: Path) -> None:
+def _cpt_on_gpu(tmp_path: Path, rows_per_lang: int, run_name: str,
+                train: TrainConfig) -> tuple[Path, Any]:
+    """The world's MoE after bf16 CPT on one GPU (inline launcher): (its init, the result)."""
     world = build_world(tmp_path)
-    data = pack(world, [*ORIGINAL, *NEW], tmp_path / "data", rows_per_lang=48)
+    data = pack(world, [*ORIGINAL, *NEW], tmp_path / "data", rows_per_lang=rows_per_lang)
     moe = upcycle_world(world, tmp_path / "moe")
-    train = TrainConfig(steps=30, micro_batch_size=8, lr=2e-3, warmup_steps=3,
-                        precision="bf16", checkpoint_every=15, log_every=5)
     result = train_model(TrainSpec(
         init_dir=str(moe), out_dir=str(tmp_path / "out"),
         train_paths=[str(data / "train/part-0.parquet")],
         validation_paths=[str(data / "validation/part-0.parquet")], mode="cpt_moe",
-        train=train, checkpoint_root=str(tmp_path / "ckpt"), run_name="gpu",
+        train=train, checkpoint_root=str(tmp_path / "ckpt"), run_name=run_name,
         resources=Resources(use_gpu=True, launcher="inline"), seed=0))
     swh = "val/loss/swh_Latn"
     assert result.metrics[swh] < result.metrics[f"{swh}/initial"]
+    return moe, result
+
+
+def _frozen(key: str) -> bool:
+    """The anchor expert and every shared tensor (not a new expert, not a router)."""
+    return ".experts.0." in key or not (".experts." in key or ".gate." in key)
+
+
+def test_bf16_fsdp2_on_one_gpu(tmp_path: Path) -> None:
+    moe, result = _cpt_on_gpu(tmp_path, 48, "gpu", TrainConfig(
+        steps=30, micro_batch_size=8, lr=2e-3, warmup_steps=3, precision="bf16",
+        checkpoint_every=15, log_every=5))
     with LazyCheckpoint(moe) as before, LazyCheckpoint(result.out_dir) as after:
         for key in before.keys():
-            frozen = ".experts.0." in key or not (".experts." in key or ".gate." in key)
             assert after.get(key).dtype == before.get(key).dtype
-            if frozen:
+            if _frozen(key):
                 assert torch.equal(before.get(key), after.get(key)), key
 
 
@@ -77,22 +89,11 @@ def test_grouped_experts_on_gpu_agree_and_own_block_never_syncs() -> None:
 def test_grouped_compiled_run_keeps_frozen_weights(tmp_path: Path) -> None:
     """bf16 FSDP2 with grouped experts, compiled blocks and fused AdamW: trains, frozen tensors
     (the anchor rows of the fused experts included) bit-identical after export."""
-    world = build_world(tmp_path)
-    data = pack(world, [*ORIGINAL, *NEW], tmp_path / "data", rows_per_lang=32)
-    moe = upcycle_world(world, tmp_path / "moe")
-    train = TrainConfig(steps=12, micro_batch_size=8, lr=2e-3, warmup_steps=2,
-                        precision="bf16", checkpoint_every=12, log_every=4,
-                        experts_implementation="grouped_mm", compile=True)
-    result = train_model(TrainSpec(
-        init_dir=str(moe), out_dir=str(tmp_path / "out"),
-        train_paths=[str(data / "train/part-0.parquet")],
-        validation_paths=[str(data / "validation/part-0.parquet")], mode="cpt_moe",
-        train=train, checkpoint_root=str(tmp_path / "ckpt"), run_name="gpu-grouped",
-        resources=Resources(use_gpu=True, launcher="inline"), seed=0))
-    swh = "val/loss/swh_Latn"
-    assert result.metrics[swh] < result.metrics[f"{swh}/initial"]
+    moe, result = _cpt_on_gpu(tmp_path, 32, "gpu-grouped", TrainConfig(
+        steps=12, micro_batch_size=8, lr=2e-3, warmup_steps=2, precision="bf16",
+        checkpoint_every=12, log_every=4, experts_implementation="grouped_mm", compile=True))
     assert result.counts["active"] < result.counts["trainable"] + result.counts["frozen"]
     with LazyCheckpoint(moe) as before, LazyCheckpoint(result.out_dir) as after:
         for key in before.keys():
-            if ".experts.0." in key or not (".experts." in key or ".gate." in key):
+            if _frozen(key):
                 assert torch.equal(before.get(key), after.get(key)), key

@@ -15,17 +15,22 @@ time at the demo's size. ``train.experts_implementation: grouped_mm`` runs it on
 
 from __future__ import annotations
 
-from typing import Any
+from functools import cache
+from typing import Any, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from components.config import TrainConfig
 from components.train.spec import TrainError
 
-EXPERTS_CHOICES = ("auto", "eager", "grouped_mm", "batched_mm")
+# the schema's Literal is the one place for these names
+EXPERTS_CHOICES: tuple[str, ...] = get_args(
+    TrainConfig.model_fields["experts_implementation"].annotation)
 
 
+@cache
 def grouped_kernel_runs(device: torch.device) -> bool:
     """Whether a native grouped GEMM runs on ``device`` and agrees with a plain loop of GEMMs
     (probed once on tiny tensors: a kernel that raises or disagrees means no)."""
