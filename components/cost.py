@@ -39,6 +39,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from components.moe.accounting import attention_flops_per_token
+
 __all__ = ["CostError", "Counts", "Memory", "Plan", "Shapes", "find_shapes", "format_plan",
            "memory_per_gpu", "parameter_counts", "plan_run", "shapes_file_name"]
 
@@ -258,7 +260,9 @@ def plan_run(cfg: Any, *, gpus: int | None = None, mfu: float = DEFAULT_MFU,
     per_step = train.micro_batch_size * train.grad_accum * res.num_workers * seq
     tokens = train.steps * per_step
     review = train.review.steps * per_step if train.review.enabled else 0
-    attention = 6 * found.layers * seq * found.heads * found.head_dim
+    attention = 3 * attention_flops_per_token(  # training = 3 × the forward pass
+        {"num_hidden_layers": found.layers, "num_attention_heads": found.heads,
+         "head_dim": found.head_dim}, seq)
     matmul = 6 * (counts.moe_active - (0 if found.tied else counts.embedding))
     return Plan(model=cfg.models.base, shapes_from=source, shapes=found,
                 experts=up.num_experts, top_k=up.top_k, moe_layers=len(layers), counts=counts,

@@ -3,10 +3,11 @@
 MFU counts what an MoE computes per token, not what it stores: every shared weight, the
 routers, a Qwen2-MoE's shared expert, and ``top_k / E`` of each MoE layer's experts (the
 embedding lookup computes nothing; a tied head counts once, as the head). FLOPs per token are
-``6 · active`` (forward and backward GEMMs) plus causal attention's ``6 · layers · seq · hidden``
-(PaLM's 12·L·H·T, halved for the causal mask); activation-checkpointing recompute is not
-counted (the MFU convention: useful work only). The peak is the device's dense bf16 figure
-(``train.peak_tflops`` overrides; no peak is known for CPUs, so none is logged there).
+``6 · active`` (forward and backward GEMMs) plus 3 × the forward attention term of
+:func:`components.moe.accounting.attention_flops_per_token` (``6 · layers · seq · d_attn``);
+activation-checkpointing recompute is not counted (the MFU convention: useful work only). The
+peak is the device's dense bf16 figure (``train.peak_tflops`` overrides; no peak is known for
+CPUs, so none is logged there).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from components.moe.accounting import attention_flops_per_token
 from components.moe.families import tensor_role
 
 # dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment, most specific first
@@ -60,7 +62,8 @@ def flops_per_token(model: nn.Module, seq_len: int, active: int | None = None) -
     """Training FLOPs per token: 6 · active parameters + causal attention."""
     config = model.config  # type: ignore[union-attr]
     active = active_parameters(model) if active is None else active
-    return 6.0 * active + 6.0 * config.num_hidden_layers * seq_len * config.hidden_size
+    # training = 3 × the forward pass, attention's term included (the upcycler's accounting)
+    return 6.0 * active + 3.0 * attention_flops_per_token(config.to_dict(), seq_len)
 
 
 def peak_tflops(device: torch.device, override: float | None = None) -> float | None:
