@@ -16,7 +16,8 @@ from typing import Literal
 
 __all__ = ["BASELINES", "VARIANTS", "Variant", "get_variant", "graft_target"]
 
-Upcycle = Literal["language", "layermoe", "unallocated"]
+Upcycle = Literal["language", "layermoe", "unallocated", "blocks"]
+RENAMED = {"param_matched": "moe_unfrozen"}  # old name → new name, for a clear error
 
 
 @dataclass(frozen=True)
@@ -24,17 +25,19 @@ class Variant:
     """How one variant's model is made.
 
     ``train`` says which model continued pre-training starts from: ``moe`` (this variant's
-    upcycled MoE, from its ``upcycle`` allocation) or ``dense`` (the base). ``graft`` names the
-    method (:data:`components.delta.methods.METHODS`) applied to the trained model, or to
-    ``graft_onto``'s when the variant trains nothing itself. ``tokens`` is the training budget:
-    the config's steps, or the dense tokens matched to the MoE's active FLOPs.
+    upcycled MoE, from its ``upcycle`` allocation), ``dense`` (the base) or ``blocks`` (the
+    base with LLaMA-Pro blocks added, ``upcycle: blocks``; only the new blocks train).
+    ``graft`` names the method (:data:`components.delta.methods.METHODS`) applied to the
+    trained model, or to ``graft_onto``'s when the variant trains nothing itself. ``tokens`` is
+    the training budget: the config's steps, or the dense tokens matched to the MoE's active
+    FLOPs.
     """
 
     name: str
     help: str
     baseline: bool  # may be listed in baselines.variants
     upcycle: Upcycle | None = None
-    train: Literal["moe", "dense"] | None = None
+    train: Literal["moe", "dense", "blocks"] | None = None
     tokens: Literal["steps", "flops_matched"] = "steps"
     graft: str | None = None
     graft_onto: str | None = None  # the variant whose trained model the graft targets
@@ -49,9 +52,11 @@ class Variant:
 
     @property
     def upcycled(self) -> str | None:
-        """The ``models/`` folder of this variant's own upcycled MoE."""
+        """The ``models/`` folder of this variant's own upcycled MoE (or block-expanded base)."""
         if self.upcycle is None:
             return None
+        if self.upcycle == "blocks":
+            return "blocks_init"
         return "moe_init" if self.upcycle == "language" else f"moe_init_{self.name}"
 
 
@@ -74,8 +79,11 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             baseline=True, upcycle="language", train="moe"),
     Variant("deltamoe", "DeltaMoE: CPT-MoE + Expand(Δpost), the method itself", baseline=False,
             graft="deltamoe", graft_onto="cpt_moe"),
-    Variant("param_matched", "DeltaMoE on an MoE with no language allocation, nothing frozen",
+    Variant("moe_unfrozen", "DeltaMoE on an MoE with no language allocation, nothing frozen",
             baseline=True, upcycle="unallocated", train="moe", graft="deltamoe"),
+    Variant("block_expansion", "LLaMA-Pro: identity blocks added to the base, only they train "
+            "(as many parameters as the MoE trains), then Δpost at the shifted layers",
+            baseline=True, upcycle="blocks", train="blocks", graft="block_expansion"),
     Variant("layermoe", "DeltaMoE on LayerMoE's per-layer expert counts", baseline=True,
             upcycle="layermoe", train="moe", graft="deltamoe"),
 )}
@@ -88,6 +96,8 @@ BASELINES: tuple[str, ...] = tuple(name for name, v in VARIANTS.items() if v.bas
 def get_variant(name: str) -> Variant:
     """The registered variant; a hyphenated spelling (``cpt-dense``) is read as its name."""
     key = name.replace("-", "_")
+    if key in RENAMED:
+        raise ValueError(f"variant {name!r} is now called {RENAMED[key]!r}")
     try:
         return VARIANTS[key]
     except KeyError:

@@ -106,9 +106,11 @@ def variant_config(cfg: RunConfig, variant: Variant) -> RunConfig:
 
 def _upcycle(cfg: RunConfig, run_dir: RunDir, logger: RankZeroLogger, *,
              variant: str) -> tuple[Manifest, bool]:
-    from workflows.upcycle_stage import ensure_upcycled
+    from workflows.upcycle_stage import ensure_expanded, ensure_upcycled
 
     v = VARIANTS[variant]
+    if v.upcycle == "blocks":
+        return ensure_expanded(cfg, run_dir, logger, stage_name=f"models/{v.upcycled}")
     return ensure_upcycled(variant_config(cfg, v), run_dir, logger,
                            stage_name=f"models/{v.upcycled}")
 
@@ -198,7 +200,8 @@ def plan(cfg: RunConfig) -> list[Node]:
     upcycles = {VARIANTS[v].upcycled: v for v in variants if VARIANTS[v].upcycle}
     for folder, variant in upcycles.items():
         v = VARIANTS[variant]
-        needs = (*base_node, *(("data", *world) if v.upcycle == "layermoe" else ()))
+        needs = (*base_node, *(("data", *world) if v.upcycle == "layermoe" else ()),
+                 *(("moe_init",) if v.upcycle == "blocks" else ()))  # matched to its params
         nodes.append(Node(folder, "upcycle", "upcycle" if folder == "moe_init" else "baselines",
                           needs, partial(_upcycle, variant=variant),
                           f"dense base → {v.upcycle} MoE for {variant}", model=folder))
@@ -209,7 +212,7 @@ def plan(cfg: RunConfig) -> list[Node]:
         if v.train is not None:
             assert v.trained is not None
             needs = ("data", *base_node)
-            if v.train == "moe":
+            if v.upcycled is not None:
                 needs = ("data", str(v.upcycled))
             if v.tokens == "flops_matched":
                 needs = (*needs, "moe_init")  # its budget is the MoE's active-FLOPs ratio

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, FieldSerializationInfo, field_serializer
@@ -115,12 +115,17 @@ LangTag = Annotated[str, AfterValidator(_lang_tag)]
 """A language code normalised to its canonical iso639-3_Script tag (``sw`` → ``swh_Latn``)."""
 
 
-def _registered(what: str, names: Callable[[], Iterable[str]]) -> AfterValidator:
+def _registered(what: str, names: Callable[[], Iterable[str]],
+                renamed: Callable[[], Mapping[str, str]] | None = None) -> AfterValidator:
     """A validator accepting the names of one registry, read when a value is checked: each list
-    of names lives once, in its registry, and the schema stays cheap to import."""
+    of names lives once, in its registry, and the schema stays cheap to import. A name the
+    registry ``renamed`` is refused with its new name."""
 
     def check(value: str) -> str:
         known = list(names())
+        new = renamed().get(value) if renamed is not None else None
+        if value not in known and new is not None:
+            raise ValueError(f"{what} {value!r} is now called {new!r}")
         if value not in known:
             close = difflib.get_close_matches(value, known, n=1, cutoff=0.6)
             hint = f"did you mean {close[0]!r}? " if close else ""
@@ -160,6 +165,12 @@ def _variants() -> Iterable[str]:
     return VARIANTS
 
 
+def _renamed_variants() -> Mapping[str, str]:
+    from components.variants import RENAMED
+
+    return RENAMED
+
+
 def _suites() -> Iterable[str]:
     from components.evaluate.catalog import suites
 
@@ -169,6 +180,6 @@ def _suites() -> Iterable[str]:
 SourceFormat = Annotated[str, _registered("source format", _formats)]
 DenseType = Annotated[str, _registered("model family", _dense_types)]
 GraftMethod = Annotated[str, _registered("graft method", _methods)]
-Baseline = Annotated[str, _registered("baseline variant", _baselines)]
-VariantName = Annotated[str, _registered("variant", _variants)]
+Baseline = Annotated[str, _registered("baseline variant", _baselines, _renamed_variants)]
+VariantName = Annotated[str, _registered("variant", _variants, _renamed_variants)]
 Suite = Annotated[str, _registered("evaluation suite", _suites)]

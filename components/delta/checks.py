@@ -12,12 +12,20 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, get_args
 
+from components.block_expansion import EXPANSION_FILE, ExpandedLayer, ExpansionError, read_layers
 from components.delta.expand import VOCAB_KEYS, Family, Source, source_for
 from components.delta.methods import METHODS, Method
-from components.moe.checkpoint import CheckpointError, LazyCheckpoint, read_config
+from components.moe.checkpoint import (
+    LAYER_KEY,
+    CheckpointError,
+    LazyCheckpoint,
+    read_config,
+    split_layers,
+)
 from components.moe.families import UnsupportedArchitectureError, family_for, tensor_role
 
 _FLOAT_HEADERS = {"F32", "F16", "BF16", "F64"}
@@ -104,7 +112,10 @@ def check_architectures(inputs: GraftInputs, method: Method) -> None:
         if base.get(key) != post.get(key):
             raise GraftError(f"architecture mismatch: {key} is {base.get(key)} in base, "
                              f"{post.get(key)} in post")
+    _check_expansion(inputs, method, base, target)
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
+        if key == "num_hidden_layers" and method.expanded_target:
+            continue  # checked against the expansion's plan
         if target.get(key) != base.get(key):
             raise GraftError(f"architecture mismatch: {key} is {base.get(key)} in base, "
                              f"{target.get(key)} in target")
@@ -127,9 +138,36 @@ def check_architectures(inputs: GraftInputs, method: Method) -> None:
                          f"method {method.name} (expected {expected})")
 
 
+def _check_expansion(inputs: GraftInputs, method: Method, base: dict[str, Any],
+                     target: dict[str, Any]) -> None:
+    """A block-expanded target (one with an expansion record) goes with ``block_expansion``
+    only, and its plan keeps every original layer, in order, among the target's layers."""
+    try:
+        layers = read_layers(inputs.target)
+    except ExpansionError as err:
+        raise GraftError(str(err)) from None
+    expanded = [m.name for m in METHODS.values() if m.expanded_target]
+    if layers is None:
+        if method.expanded_target:
+            raise GraftError(f"target {inputs.target}: no {EXPANSION_FILE}; method "
+                             f"{method.name} grafts onto a block-expanded model")
+        return
+    if not method.expanded_target:
+        raise GraftError(f"target {inputs.target} is block-expanded ({EXPANSION_FILE}): its "
+                         f"layers are shifted; use method {' or '.join(expanded)}")
+    originals = [layer.source for layer in layers if not layer.new]
+    if len(layers) != target.get("num_hidden_layers") or \
+            originals != list(range(int(base["num_hidden_layers"]))):
+        raise GraftError(f"target {inputs.target}: {EXPANSION_FILE} lists {len(layers)} layers "
+                         f"with originals {originals}; config.json has "
+                         f"{target.get('num_hidden_layers')} layers and base "
+                         f"{base['num_hidden_layers']}")
+
+
 def check_tensors(base: LazyCheckpoint, post: LazyCheckpoint, target: LazyCheckpoint,
-                  method: Method) -> int:
-    """Per-tensor shape/dtype compatibility from headers; returns the output vocabulary rows."""
+                  method: Method, layers: Sequence[ExpandedLayer] | None = None) -> int:
+    """Per-tensor shape/dtype compatibility from headers; returns the output vocabulary rows
+    (``layers``: a block-expanded target's plan, so each layer is checked against its source)."""
     if set(base.keys()) != set(post.keys()):
         only = sorted(set(base.keys()) ^ set(post.keys()))[:3]
         raise GraftError(f"base and post hold different tensors (e.g. {', '.join(only)}): not "
@@ -152,7 +190,7 @@ def check_tensors(base: LazyCheckpoint, post: LazyCheckpoint, target: LazyCheckp
                              f"{list(p_shape)}")
     out_rows = 0
     for key in target.keys():
-        source = source_for(key)
+        source = source_for(key, layers)
         t_shape, t_dtype = target.meta(key)
         if t_dtype not in _FLOAT_HEADERS:
             raise GraftError(f"target tensor {key}: dtype {t_dtype} is not floating point")
@@ -192,7 +230,8 @@ def _expected_shape(source: Source, dense: list[tuple[int, ...]],
     return tuple(dense[0])
 
 
-def check_target_keys(base: LazyCheckpoint, target: LazyCheckpoint, method: Method) -> int:
+def check_target_keys(base: LazyCheckpoint, target: LazyCheckpoint, method: Method,
+                      layers: Sequence[ExpandedLayer] | None = None) -> int:
     """The target holds exactly the tensors ``method`` expects; returns the widest MoE block's
     expert count (0 for a dense target).
 
@@ -203,6 +242,11 @@ def check_target_keys(base: LazyCheckpoint, target: LazyCheckpoint, method: Meth
     """
     where = target.source
     base_keys, target_keys = set(base.keys()), set(target.keys())
+    if layers is not None:  # every layer holds what the base layer it copies holds
+        by_layer = {layer: keys for layer, keys in split_layers(list(base_keys))}
+        base_keys = {*by_layer[None], *(LAYER_KEY.sub(f"model.layers.{j}.", k)
+                                        for j, layer in enumerate(layers)
+                                        for k in by_layer.get(layer.source, []))}
     if not method.moe_target:
         missing, unexpected = sorted(base_keys - target_keys), sorted(target_keys - base_keys)
         if missing:

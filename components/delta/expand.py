@@ -10,10 +10,15 @@ explains is refused there instead of being grafted as if it were shared.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
+from components.moe.checkpoint import LAYER_KEY
 from components.moe.families import PROJECTIONS, VOCAB_KEYS, dense_ffn_key, tensor_role
+
+if TYPE_CHECKING:
+    from components.block_expansion import ExpandedLayer
 
 Kind = Literal["same", "expert", "fused_gate_up", "fused_down", "none"]
 Family = Literal["attention", "mlp", "norm", "embed", "lm_head"]
@@ -27,8 +32,18 @@ class Source:
     expert: int | None = None
 
 
-def source_for(key: str) -> Source:
-    """The dense key(s) whose delta lands on target tensor ``key``."""
+def source_for(key: str, layers: Sequence[ExpandedLayer] | None = None) -> Source:
+    """The dense key(s) whose delta lands on target tensor ``key``. With ``layers`` (a
+    block-expanded target's plan) an original layer takes the delta of its index in the dense
+    pair and a new block none: Δpost was computed for the original blocks only."""
+    if layers is not None and (match := LAYER_KEY.match(key)):
+        index = int(match.group(1))
+        if index >= len(layers):  # not in the plan: the key checks name it as unexpected
+            return Source("none")
+        layer = layers[index]
+        if layer.new:
+            return Source("none")
+        return source_for(LAYER_KEY.sub(f"model.layers.{layer.source}.", key))
     role = tensor_role(key)
     if role.kind == "shared":
         return Source("same", (key,))

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from components.block_expansion import EXPANSION_FILE, ExpandedLayer, read_layers
 from components.cards import clean_title, model_ref, portable, write_card
 from components.delta.checks import (
     GraftError,
@@ -122,8 +124,8 @@ def _row_blocks(rows: int, row_elements: int) -> list[tuple[int, int]]:
     return [(start, min(rows, start + step)) for start in range(0, rows, step)]
 
 
-def compute_tensor(key: str, reader: UnitReader, method: Method,
-                   options: GraftOptions) -> torch.Tensor:
+def compute_tensor(key: str, reader: UnitReader, method: Method, options: GraftOptions,
+                   layers: Sequence[ExpandedLayer] | None = None) -> torch.Tensor:
     """θ_out for one target tensor: fp32 arithmetic, cast once to the output dtype.
 
     Elementwise methods run over row blocks of at most ``BLOCK_ELEMENTS`` fp32 values, so the
@@ -135,9 +137,10 @@ def compute_tensor(key: str, reader: UnitReader, method: Method,
     TIES and DARE need the whole delta (a magnitude threshold, a mask drawn per tensor), so they
     work on full fp32 tensors. Vocabulary tensors take the delta on the base's rows; rows beyond
     them come from the model that added them (the target keeps its own new rows; otherwise
-    post's added rows are copied).
+    post's added rows are copied). ``layers``: a block-expanded target's plan
+    (:func:`~components.delta.expand.source_for`).
     """
-    source = source_for(key)
+    source = source_for(key, layers)
     blockwise = source.kind != "none" and method.elementwise
     target = reader.raw("target", key, check=not blockwise)
     dtype = target.dtype if options.dtype == "auto" else DTYPES[options.dtype]
@@ -237,6 +240,7 @@ def graft_unit(unit: int, keys: list[str], inputs: GraftInputs, options: GraftOp
                out_dir: str) -> list[tuple[str, list[str], int]]:
     """Compute and write one unit (a decoder layer, or the non-layer tensors) as shard parts."""
     method = options.resolved_method()
+    layers = read_layers(inputs.target)
     checkpoints = {role: LazyCheckpoint(getattr(inputs, role)) for role in ("base", "post",
                                                                              "target")}
     try:
@@ -244,8 +248,8 @@ def graft_unit(unit: int, keys: list[str], inputs: GraftInputs, options: GraftOp
         reader = UnitReader(checkpoints)
         try:
             for key in keys:
-                writer.add(key, compute_tensor(key, reader, method, options))
-                if source_for(key).kind == "same":
+                writer.add(key, compute_tensor(key, reader, method, options, layers))
+                if source_for(key, layers).kind == "same":
                     # unmap what this tensor touched: mapped pages count as resident memory
                     # until the file is closed (handles reopen lazily on the next read)
                     for checkpoint in checkpoints.values():
@@ -310,9 +314,10 @@ def graft(inputs: GraftInputs, out_dir: str | Path, options: GraftOptions) -> Gr
     try:
         with LazyCheckpoint(inputs.base) as base, LazyCheckpoint(inputs.post) as post, \
                 LazyCheckpoint(inputs.target) as target:
-            rows = check_tensors(base, post, target, method)
-            check_expert_scales(options.expert_scales, check_target_keys(base, target, method),
-                                method)
+            layers = read_layers(inputs.target)
+            rows = check_tensors(base, post, target, method, layers)
+            check_expert_scales(options.expert_scales,
+                                check_target_keys(base, target, method, layers), method)
             units = list(enumerate(keys for _, keys in split_layers(target.keys()) if keys))
     except CheckpointError as err:
         raise GraftError(str(err)) from None
@@ -346,8 +351,9 @@ def _finish_directory(inputs: GraftInputs, out: Path, method: Method, options: G
     for name in SIDE_FILES:
         if (Path(inputs.post) / name).exists():
             shutil.copy2(Path(inputs.post) / name, out / name)
-    if (Path(inputs.target) / "allocation.json").exists():
-        shutil.copy2(Path(inputs.target) / "allocation.json", out / "allocation.json")
+    for record in ("allocation.json", EXPANSION_FILE):
+        if (Path(inputs.target) / record).exists():
+            shutil.copy2(Path(inputs.target) / record, out / record)
     lineage = portable({**asdict(inputs), "options": asdict(options), "formula": method.formula})
     refs = [model_ref(m) for m in (inputs.base, inputs.post, inputs.target)]
     write_card(

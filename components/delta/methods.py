@@ -8,6 +8,7 @@ method              anchor      deltas                    sparsify
 ==================  ==========  ========================  ==========
 ``deltamoe``        target MoE  post                      none
 ``param_delta``     target      post                      none
+``block_expansion`` target      post (layers shifted)     none
 ``task_arithmetic`` base        target, post              none
 ``ties``            base        target, post              TIES
 ``dare``            base        target, post              DARE
@@ -128,6 +129,8 @@ class Method:
     #                   targets are refused, and methods without it refuse MoE targets
     formula: str
     help: str  # one line, for the CLI
+    expanded_target: bool = False  # the target is a block-expanded dense model: each original
+    #                                layer takes its Δ at its shifted index, new blocks none
 
     def combine(self, deltas: Sequence[torch.Tensor], density: float, seed: int,
                 key: str) -> torch.Tensor:
@@ -156,6 +159,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("param_delta", "target", ("post",), "none", False,
            "θ_out = θ_CPT-dense + λ · (θ_post − θ_base)",
            "Δpost onto the CPT-trained dense model (ParamΔ baseline)."),
+    Method("block_expansion", "target", ("post",), "none", False,
+           "θ_out = θ_CPT-expanded + λ · Shift(θ_post − θ_base)",
+           "Δpost onto the CPT-trained block-expanded model (LLaMA-Pro): each original layer's "
+           "delta at its shifted index, new blocks none.", expanded_target=True),
     Method("task_arithmetic", "base", ("target", "post"), "none", False,
            "θ_out = θ_base + λ · ((θ_CPT − θ_base) + (θ_post − θ_base))",
            "The CPT delta plus Δpost onto the base (task-arithmetic baseline)."),

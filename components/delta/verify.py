@@ -22,7 +22,9 @@ compared exactly.
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -151,6 +153,7 @@ class _Reference:
         self.models = {role: _Files(getattr(inputs, role)) for role in ("base", "post",
                                                                         "target")}
         self.options = options
+        self.target_dir = Path(inputs.target)
         own = METHODS[options.method].sparsify
         self.sparsify = REFERENCE_SPARSIFIERS[own if options.sparsify == "auto"
                                                else options.sparsify]
@@ -223,6 +226,19 @@ class _Reference:
             return self.read("target", key)
         return self.shared(key, self.scale(key), self.onto_target)
 
+    def block_expansion(self, key: str) -> torch.Tensor:
+        """ParamΔ with layers shifted: an original layer of the expanded target takes Δpost of
+        the dense layer it is (read from the target's ``expansion.json``), a new block none."""
+        match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", key)
+        if match is None:
+            return self.param_delta(key)
+        plan = json.loads((self.target_dir / "expansion.json").read_text())["layers"]
+        row = plan[int(match.group(1))]
+        if row["new"]:
+            return self.read("target", key)
+        dense_key = f"model.layers.{row['source']}.{match.group(2)}"
+        return self.onto_target(self.read("target", key), dense_key, self.scale(key))
+
     def merge(self, key: str) -> torch.Tensor:
         """Task arithmetic, TIES, DARE: θ_base + λ · S(θ_CPT − θ_base, θ_post − θ_base)."""
         if key not in self.models["base"]:
@@ -233,6 +249,7 @@ class _Reference:
 REFERENCES: dict[str, Callable[[_Reference, str], torch.Tensor]] = {
     "deltamoe": _Reference.deltamoe,
     "param_delta": _Reference.param_delta,
+    "block_expansion": _Reference.block_expansion,
     "task_arithmetic": _Reference.merge,
     "ties": _Reference.merge,
     "dare": _Reference.merge,

@@ -59,11 +59,18 @@ def saved_dtype(model_dir: str | Path) -> torch.dtype:
     return getattr(torch, str(name).removeprefix("torch."), torch.float32)
 
 
-def set_trainable(model: nn.Module, mode: str, freeze_anchor: bool, freeze_shared: bool) -> None:
+def set_trainable(model: nn.Module, mode: str, freeze_anchor: bool, freeze_shared: bool,
+                  train_layers: tuple[int, ...] | None = None) -> None:
     """``requires_grad`` by role: in ``cpt_moe`` the shared weights and the anchor expert as
-    configured (routers always train); in every dense mode, everything trains."""
+    configured (routers always train); in a dense mode everything trains, or with
+    ``train_layers`` only those decoder layers (a block-expanded model's new blocks)."""
     if mode == "cpt_moe":
         set_requires_grad(model, freeze_anchor, freeze_shared)
+    elif train_layers is not None:
+        model.requires_grad_(False)
+        layers = decoder_layers(model)
+        for index in train_layers:
+            layers[index].requires_grad_(True)
     else:
         model.requires_grad_(True)
 
@@ -78,6 +85,7 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 def build_sharded(init_dir: str, mesh: DeviceMesh, place: Placement, *, mode: str,
                   freeze_anchor: bool, freeze_shared: bool,
+                  train_layers: tuple[int, ...] | None = None,
                   activation_checkpointing: bool, experts_implementation: str = "auto",
                   compile_blocks: bool = False) -> nn.Module:
     """The model of ``init_dir``, sharded over ``mesh``, weights loaded from rank 0.
@@ -95,7 +103,7 @@ def build_sharded(init_dir: str, mesh: DeviceMesh, place: Placement, *, mode: st
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # non-persistent buffers (rotary inv_freq) are real tensors now; to_empty would wipe them
     buffers = {name: buf.detach().clone() for name, buf in model.named_buffers()}
-    set_trainable(model, mode, freeze_anchor, freeze_shared)
+    set_trainable(model, mode, freeze_anchor, freeze_shared, train_layers)
     apply_experts_implementation(model, experts_implementation, place.device)
     if activation_checkpointing:
         model.activation_checkpointing_enable(
