@@ -13,8 +13,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from components.config import parse_config
 from components.moe.allocation import (
+    centroid_similarity,
     language_allocation,
     layer_similarity,
+    layermoe_budget,
     layermoe_counts,
     most_similar_layers,
 )
@@ -60,12 +62,48 @@ def test_layer_similarity_measures_ffn_inputs(tmp_path: Path) -> None:
                      intermediate_size=48)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     tok = AutoTokenizer.from_pretrained(tmp_path / "model")
-    same = layer_similarity(model, tok, {"a": texts["a"], "b": texts["b"]})
+    same = layer_similarity(model, tok, {"a": texts["a"], "b": texts["b"]}, ["b"])
     assert len(same) == 3 and all(s == pytest.approx(1.0, abs=1e-5) for s in same)
-    different = layer_similarity(model, tok, {"a": texts["a"], "c": texts["c"]})
+    different = layer_similarity(model, tok, {"a": texts["a"], "c": texts["c"]}, ["c"])
     assert all(d < 0.999 for d in different)
+    # a and b are the same text: all pairs count their cosine of 1, new pairs (c new) do not
+    every = layer_similarity(model, tok, texts, ["c"], "all_pairs")
+    new_pairs = layer_similarity(model, tok, texts, ["c"])
+    for d, e, n in zip(different, every, new_pairs, strict=True):
+        assert n == pytest.approx(d, abs=1e-5) and e == pytest.approx((1 + 2 * d) / 3, abs=1e-5)
     with pytest.raises(ValueError, match="≥ 2 languages"):
-        layer_similarity(model, tok, {"a": texts["a"]})
+        layer_similarity(model, tok, {"a": texts["a"]}, ["a"])
+
+
+def test_new_pairs_similarity_leaves_original_pairs_out() -> None:
+    """Hand-made centroids over two layers: the originals eng/deu are identical (cosine 1), the
+    new swh is orthogonal to both in layer 0 and at 60° in layer 1, the new rus equals eng."""
+    e0, e1 = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0])
+    half = torch.tensor([0.5, 3 ** 0.5 / 2, 0.0])  # cos 0.5 with e0
+    centroids = {"eng": torch.stack([e0, e0]), "deu": torch.stack([e0, e0]),
+                 "swh": torch.stack([e1, half]), "rus": torch.stack([e0, e0])}
+    # pairs with a new language: eng-swh, deu-swh, rus-swh, eng-rus, deu-rus (not eng-deu)
+    new = centroid_similarity(centroids, ["swh", "rus"])
+    assert new == pytest.approx([(0 + 0 + 0 + 1 + 1) / 5, (0.5 * 3 + 1 + 1) / 5])
+    every = centroid_similarity(centroids, ["swh", "rus"], "all_pairs")  # + eng-deu = 1
+    assert every == pytest.approx([3 / 6, (0.5 * 3 + 3) / 6])
+    alone = centroid_similarity({"eng": centroids["eng"], "swh": centroids["swh"]}, ["swh"])
+    assert alone == pytest.approx([0.0, 0.5])
+    with pytest.raises(ValueError, match="no language pair involves a new language"):
+        centroid_similarity({"eng": centroids["eng"], "deu": centroids["deu"]}, ["swh"])
+
+
+def test_layermoe_budget_is_below_deltamoe_unless_given() -> None:
+    assert layermoe_budget(4, 4, 0.6) == 7  # ⌊0.6 × 3 × 4⌋ of DeltaMoE's 12
+    assert layermoe_budget(4, 4, 1.0) == 12
+    assert layermoe_budget(8, 2, 0.6) == 8  # ⌊8.4⌋
+    assert layermoe_budget(2, 5, 0.6) == 5  # never below one new expert per layer
+    assert layermoe_budget(4, 4, 0.6, total_new_experts=10) == 10  # explicit override
+    alloc = parse_config({"run_name": "b", "models": {"base": "b", "post": "p"},
+                          "languages": {"original": ["eng_Latn"], "new": ["swh_Latn"]}}
+                         ).upcycle.allocation
+    assert (alloc.layermoe_budget, alloc.similarity, alloc.total_new_experts) == (
+        0.6, "new_pairs", None)
 
 
 @pytest.fixture(scope="module")

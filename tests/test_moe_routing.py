@@ -16,6 +16,7 @@ from components.moe.freeze import parameter_counts, role, set_requires_grad
 from components.moe.routing import (
     RouterCapture,
     RouterStats,
+    anchor_hits,
     classifier_loss,
     load_balancing_loss,
     lpr_loss,
@@ -241,3 +242,33 @@ def test_routing_prior_resolution() -> None:
     assert prior.experts_for("tha_Thai", 0) == [0, 1, 2, 3]  # no prior
     masks = prior.allowed([0], torch.tensor([[2, 0]]))
     assert masks[0].tolist() == [[False, True, True, False], [True, False, False, False]]
+
+
+def test_unallocated_languages_are_free_in_the_lpr_mean() -> None:
+    """eng (original) → anchor, swh → [1, 2], tha has no entry: its tokens leave the mean
+    instead of counting as zero-loss rows; under the anchor prior swh is free too."""
+    prior = RoutingPrior(("eng_Latn", "swh_Latn", "tha_Thai"), frozenset({"eng_Latn"}), (4,),
+                         {"original": [0], "swh_Latn": [1, 2]}, {"original": ["eng_Latn"]})
+    logits = torch.tensor([[2.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 1.0], [0.0, 0.0, 0.0, 3.0]])
+    lang = torch.tensor([0, 1, 2])
+    p = torch.softmax(logits, dim=-1)
+    eng, swh = -math.log(p[0, 0]), -math.log(p[1, 1] + p[1, 2])
+    allocation = prior.allowed([0], lang)
+    assert allocation[0][2].tolist() == [False] * 4  # tha: free
+    assert lpr_loss([logits], allocation).item() == pytest.approx((eng + swh) / 2, rel=1e-6)
+    # the old all-allowed row would have added a zero and divided by 3
+    assert (eng + swh) / 3 < lpr_loss([logits], allocation).item()
+    anchor = prior.allowed([0], lang, "anchor")
+    assert [row.tolist() for row in anchor[0]] == [[True, False, False, False], [False] * 4,
+                                                   [False] * 4]
+    assert lpr_loss([logits], anchor).item() == pytest.approx(eng, rel=1e-6)
+    assert prior.experts_for("tha_Thai", 0) == [0, 1, 2, 3]  # the allocated-share metric's view
+
+
+def test_anchor_hits_count_top_k_and_classifier_decisions() -> None:
+    router = torch.tensor([[3.0, 2.0, 0.0], [0.0, 2.0, 3.0], [0.0, 2.0, 3.0], [2.0, 3.0, 0.0]])
+    assert anchor_hits(router, 2).tolist() == [True, False, False, True]
+    assert anchor_hits(router, 1).tolist() == [True, False, False, False]
+    # class 0 (original) sends a token to the anchor alone; a tie goes to class 0 too
+    classifier = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 0.0], [0.0, 1.0]])
+    assert anchor_hits(router, 1, classifier).tolist() == [True, True, True, False]

@@ -3,8 +3,10 @@
 ``ensure_trained(cfg, run_dir, variant)`` trains what a variant of
 :data:`components.variants.VARIANTS` trains, into ``models/<variant.trained>``:
 
-* an MoE variant (``cpt_moe``, ``param_matched``, ``layermoe``) trains its upcycled MoE
+* an MoE variant (``cpt_moe``, ``moe_unfrozen``, ``layermoe``) trains its upcycled MoE
   (``models/moe_init`` or ``models/moe_init_<variant>``) on the data stage's parquet;
+* ``block_expansion`` trains the new blocks of the block-expanded base (``models/blocks_init``)
+  on the same data and budget, every other weight frozen;
 * a dense one (``cpt_dense``) trains the base on the same data, everything trainable;
   ``flops_matched`` does so with the token budget scaled by the MoE's active-FLOPs ratio
   (``extra.upcycle.active_ratio`` of the moe_init manifest).
@@ -80,15 +82,18 @@ def _model_identity(path: Path) -> Any:
 def _train(cfg: RunConfig, run_dir: RunDir, name: str, init: Path, data: tuple[list[str],
            list[str], str], mode: Mode, logger: RankZeroLogger | None, *,
            steps: int | None = None, tokens: int | None = None,
-           extra: dict[str, Any] | None = None) -> tuple[Manifest, bool]:
-    """Train ``init`` into ``models/<name>`` (skipped when the manifest matches)."""
+           extra: dict[str, Any] | None = None,
+           train_layers: tuple[int, ...] | None = None) -> tuple[Manifest, bool]:
+    """Train ``init`` into ``models/<name>`` (skipped when the manifest matches); with
+    ``train_layers`` only those decoder layers train."""
     local = _local(run_dir)
     train_paths, validation_paths, data_fp = data
     res = resources(cfg)
     freeze = cfg.upcycle.freeze
     fp = fingerprint("train", name, mode, cfg.train.model_dump(mode="json"), res.world_size,
                      cfg.seed, steps, tokens, _model_identity(init), data_fp,
-                     freeze.model_dump(mode="json") if mode == "cpt_moe" else None)
+                     freeze.model_dump(mode="json") if mode == "cpt_moe" else None,
+                     *(() if train_layers is None else (list(train_layers),)))
     stage = run_dir.stage(f"models/{name}")
 
     def build(work: StageBuild) -> None:
@@ -98,7 +103,8 @@ def _train(cfg: RunConfig, run_dir: RunDir, name: str, init: Path, data: tuple[l
             checkpoint_root=str(local / "checkpoints" / name), run_name=fp[:16],
             resources=res, tracking_uri=logger.tracking_uri if logger else None,
             mlflow_run_id=logger.run_id if logger else None, steps=steps, tokens=tokens,
-            seed=cfg.seed, freeze_anchor=freeze.anchor_expert, freeze_shared=freeze.shared)
+            seed=cfg.seed, freeze_anchor=freeze.anchor_expert, freeze_shared=freeze.shared,
+            train_layers=train_layers)
         result: TrainResult = train_model(spec)
         work.extra["train"] = {"steps": result.steps, "tokens": result.tokens,
                                "seconds": round(result.seconds, 2), "metrics": result.metrics,
@@ -127,11 +133,16 @@ def ensure_trained(cfg: RunConfig, run_dir: RunDir, variant: str,
                          f"{', '.join(TRAINING_VARIANTS)}")
     local = _local(run_dir)
     data = _parquet(run_dir.stage("data"), "data")
-    if v.train == "moe":
+    if v.train in ("moe", "blocks"):
         stage = f"models/{v.upcycled}"
         if run_dir.stage(stage).read_manifest() is None:
             raise FileNotFoundError(f"{local / stage}: the upcycled model has not been built "
                                     "yet (deltamoe upcycle CONFIG)")
+        if v.train == "blocks":
+            from components.block_expansion import new_layers
+
+            return _train(cfg, run_dir, v.trained, local / stage, data, "dense", logger,
+                          train_layers=new_layers(local / stage))
         return _train(cfg, run_dir, v.trained, local / stage, data, "cpt_moe", logger)
     base = base_model_dir(cfg, run_dir)
     if v.tokens != "flops_matched":

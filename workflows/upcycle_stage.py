@@ -2,7 +2,9 @@
 
 Everything comes from the run config: the base model (``models.base``, or the synthetic world's
 model), the expert layout, the language allocation (the configured map or the default one), and
-for ``allocation.method: layermoe`` the per-layer expert counts measured on held-out text. The
+for ``allocation.method: layermoe`` the per-layer expert counts measured on held-out text (a
+budget below DeltaMoE's, ``allocation.layermoe_budget``, spent where ``allocation.similarity``
+finds the languages least alike). The
 stage is skipped when its manifest matches; accounting goes to the manifest and MLflow.
 """
 
@@ -20,6 +22,7 @@ from components.config import RunConfig
 from components.moe.allocation import (
     language_allocation,
     layer_similarity,
+    layermoe_budget,
     layermoe_counts,
     most_similar_layers,
 )
@@ -122,9 +125,11 @@ def upcycle_options(cfg: RunConfig, base: Path,
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    similarity = layer_similarity(model, tokenizer, texts, max_length=cfg.data.seq_len)
+    similarity = layer_similarity(model, tokenizer, texts, new, alloc.similarity,
+                                  max_length=cfg.data.seq_len)
     layers = len(similarity)
-    budget = alloc.total_new_experts or (up.num_experts - 1) * layers
+    budget = layermoe_budget(up.num_experts, layers, alloc.layermoe_budget,
+                             alloc.total_new_experts)
     counts = [1 + n for n in layermoe_counts(similarity, budget)]
     classifier = most_similar_layers(similarity, min(alloc.classifier_layers, layers))
     experts = {"original": [0], **{tag: list(range(1, max(counts))) for tag in new}}
@@ -187,6 +192,46 @@ def ensure_upcycled(cfg: RunConfig, run_dir: RunDir, logger: RankZeroLogger | No
         log_upcycle(logger, chosen, result, stage, manifest,
                     name=stage_name.rsplit("/", 1)[-1])
     return manifest, True
+
+
+def ensure_expanded(cfg: RunConfig, run_dir: RunDir, logger: RankZeroLogger | None = None,
+                    stage_name: str = "models/blocks_init") -> tuple[Manifest, bool]:
+    """Build (or skip) the block-expanded base in ``stage_name``: as many identity blocks as
+    make its added parameters closest to what CPT of the run's MoE (``models/moe_init``, with
+    ``upcycle.freeze``) trains; both counts go to the manifest and MLflow."""
+    from components.block_expansion import (
+        block_parameters,
+        blocks_to_match,
+        expand_blocks,
+        moe_trainable_parameters,
+    )
+
+    base = base_model_dir(cfg, run_dir)
+    moe = run_dir.stage(STAGE).read_manifest()
+    local = run_dir.local_path
+    if moe is None or local is None:
+        raise FileNotFoundError(f"{run_dir.uri}/{STAGE}: block expansion matches the upcycled "
+                                "MoE's trainable parameters, which has not been built yet")
+    freeze = cfg.upcycle.freeze
+    fp = fingerprint("block_expansion", moe.fingerprint, stage_fingerprint(cfg, base))
+    stage = run_dir.stage(stage_name)
+
+    def build(work: StageBuild) -> None:
+        matched = moe_trainable_parameters(local / STAGE, freeze.anchor_expert, freeze.shared)
+        blocks = blocks_to_match(block_parameters(base), matched)
+        result = expand_blocks(base, work.path, blocks, matched_parameters=matched)
+        work.extra["expansion"] = {k: v for k, v in result.summary().items() if k != "out_dir"}
+
+    manifest, built = stage.ensure(fp, build, inputs={"base": str(base),
+                                                      "moe": str(local / STAGE)})
+    if built and logger is not None:
+        summary = manifest.extra["expansion"]
+        logger.log_metrics({"expansion/added_parameters": summary["added_parameters"],
+                            "expansion/matched_parameters": summary["matched_parameters"],
+                            "expansion/new_blocks": len(summary["new_layers"])}, step=0)
+        logger.log_external_model(stage_name.rsplit("/", 1)[-1], stage.uri, manifest,
+                                  model_type="hf-causal-lm")
+    return manifest, built
 
 
 def log_upcycle(logger: RankZeroLogger, options: UpcycleOptions, result: UpcycleResult,

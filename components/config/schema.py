@@ -202,7 +202,15 @@ class AllocationConfig(_Section):
     method: Literal["language", "layermoe", "none"] = "language"
     experts: dict[str, list[Annotated[int, Field(ge=0)]]] = Field(default_factory=dict)
     groups: dict[str, list[LangTag]] = Field(default_factory=dict)
-    total_new_experts: int | None = Field(None, ge=1, description="LayerMoE budget")
+    total_new_experts: int | None = Field(None, ge=1, description=(
+        "LayerMoE: new experts over all layers, an explicit budget that overrides "
+        "layermoe_budget"))
+    layermoe_budget: float = Field(0.6, gt=0.0, le=1.0, description=(
+        "LayerMoE: unless total_new_experts is set, this share of the new experts DeltaMoE "
+        "adds ((num_experts - 1) per MoE layer), rounded down, at least one per layer"))
+    similarity: Literal["new_pairs", "all_pairs"] = Field("new_pairs", description=(
+        "LayerMoE's layer similarity: new_pairs (the authors') averages the centroid cosines "
+        "of pairs with at least one new language; all_pairs also counts original-original"))
     classifier_layers: int = Field(0, ge=0, description="LayerMoE: most similar layers")
 
 
@@ -247,8 +255,16 @@ class ReviewConfig(_Section):
 
     enabled: bool = False
     steps: int = Field(50, ge=1)
-    lr: float = Field(1e-4, gt=0.0)
-    lpr_coef: float = Field(0.1, ge=0.0)
+    # measured on the synthetic world (4 experts, top-2): 50 steps at 3e-3 with coef 1 take the
+    # anchor share of original-language tokens from 0.17 to ≥ 0.94 in every layer; the old
+    # 1e-4 / 0.1 left it at 0.26 (the LM loss, which also reaches the routers, dominated)
+    lr: float = Field(3e-3, gt=0.0)
+    lpr_coef: float = Field(1.0, ge=0.0)
+    prior: Literal["anchor", "allocation"] = Field("anchor", description=(
+        "the LPR targets (review and train.lpr_coef alike): anchor (MoE-LPR) sends "
+        "original-language tokens to expert 0 and leaves new-language tokens free; "
+        "allocation sends each language to its allocated experts. Tokens of a language "
+        "without an allocation entry are free under both (not in the loss's mean)"))
 
 
 class TrainConfig(_Section):
@@ -262,6 +278,11 @@ class TrainConfig(_Section):
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     balance_coef: float = Field(0.01, ge=0.0)
     lpr_coef: float = Field(0.0, ge=0.0)
+    classifier_coef: float = Field(1.0, ge=0.0, description=(
+        "weight of LayerMoE's classifier loss in CPT, on models with classifier layers"))
+    classifier_level: Literal["sequence", "token"] = Field("sequence", description=(
+        "classifier loss per sequence (its mean FFN input against its language group, as the "
+        "LayerMoE authors train it) or per token"))
     precision: Literal["bf16", "fp32"] = "bf16"
     activation_checkpointing: bool = False
     experts_implementation: Literal["auto", "eager", "grouped_mm", "batched_mm"] = Field(
@@ -382,9 +403,41 @@ class WorldConfig(_Section):
 
     seed: int = 0
     arch: DenseType = "llama"
-    num_people: int = Field(160, ge=8)
-    docs_per_language: int = Field(800, ge=10)
-    vocab_size: int = Field(4096, ge=300)
+    languages: list[LangTag] = Field(
+        default_factory=lambda: ["eng_Latn", "deu_Latn", "swh_Latn", "rus_Cyrl"], description=(
+            "languages the world writes (of eng_Latn, deu_Latn, swh_Latn, tur_Latn, rus_Cyrl); "
+            "must hold the run's languages"))
+    original: list[LangTag] = Field(
+        default_factory=lambda: ["eng_Latn", "deu_Latn"], min_length=1, description=(
+            "the languages the base knows (keep it equal to the run's languages.original); the "
+            "others are new"))
+    num_people: int = Field(160, ge=8, description=(
+        "people of the original languages' base text: eval_people of them are asked about "
+        "(synthetic_closed_original), the rest are the SFT people"))
+    eval_people: int = Field(60, ge=1, description=(
+        "original-fact people (at most num_people / 2); 5 questions each"))
+    new_fact_people: int = Field(60, ge=1, description=(
+        "per new language, people whose facts are only in its CPT corpus (synthetic_closed_new,"
+        " 5 questions each)"))
+    background_people: int = Field(200, ge=0, description=(
+        "per new language, never-evaluated people of its small share of the base text"))
+    bios_per_person: int = Field(24, ge=1, description=(
+        "biographies (paraphrased) of every original-language person in each original "
+        "language's base text: how often the base sees each fact"))
+    new_language_share: float = Field(0.05, ge=0.0, lt=1.0, description=(
+        "share of the base's pre-training tokens in the new languages (split evenly), from "
+        "text that is not their CPT text and holds no evaluated fact"))
+    openbook_people: int = Field(60, ge=1, description=(
+        "invented people, in no corpus, whose biographies are open-book contexts: this many for"
+        " post-training and as many for synthetic_openbook (5 questions each)"))
+    heldout_docs: int = Field(300, ge=1, description=(
+        "fact-free held-out documents per language (synthetic_lm)"))
+    docs_per_language: int = Field(800, ge=10, description=(
+        "CPT documents per language (biographies: two thirds new-fact, one third SFT people; "
+        "an original language replays this many of its base documents)"))
+    vocab_size: int = Field(4096, ge=300, description=(
+        "tokenizer vocabulary at most (merges need 100 occurrences in the base text, so the "
+        "world's small text may stop below it)"))
     base_steps: int = Field(300, ge=0, description=(
         "pre-training steps that make the demo's base (models/base) from the world's random "
         "model on the original languages; 0 takes the random model itself as the base"))

@@ -20,7 +20,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -50,13 +50,20 @@ def language_allocation(original: Sequence[str], new: Sequence[str], num_experts
     return chosen, groups
 
 
+PriorMode = Literal["allocation", "anchor"]
+SimilarityMeasure = Literal["new_pairs", "all_pairs"]
+
+
 @dataclass(frozen=True)
 class RoutingPrior:
     """Allowed experts per language per layer, from an upcycled model's ``allocation.json``.
 
     A language resolves to its own entry, else to the entry of a group that lists it, else (an
-    original language) to the anchor, else to every expert (no prior). Ids a layer does not have
-    are dropped; if none is left the language may use every expert of that layer.
+    original language) to the anchor; a language none of these reaches is *unallocated*.
+    :meth:`experts_for` (what the allocated-share metric reads) gives an unallocated language,
+    or one whose ids a layer lacks, every expert of the layer; :meth:`allowed` (the LPR loss's
+    masks) leaves such tokens free instead — an all-False row, so they are out of the loss's
+    mean rather than counted as zero-loss tokens that dilute it.
     """
 
     languages: tuple[str, ...]
@@ -72,28 +79,37 @@ class RoutingPrior:
                    tuple(record["experts_per_layer"]), record.get("experts", {}),
                    record.get("groups", {}))
 
-    def experts_for(self, tag: str, layer: int) -> list[int]:
-        count = self.experts_per_layer[layer]
+    def allocated(self, tag: str, layer: int) -> list[int]:
+        """The experts of ``layer`` the allocation gives ``tag``; empty when it gives none."""
         ids = self.experts.get(tag)
         if ids is None:
             group = next((g for g, tags in self.groups.items() if tag in tags), None)
             ids = self.experts.get(group) if group else None
         if ids is None:
-            ids = [0] if tag in self.original else list(range(count))
-        kept = [i for i in ids if i < count]
-        return kept or list(range(count))
+            ids = [0] if tag in self.original else []
+        return [i for i in ids if i < self.experts_per_layer[layer]]
 
-    def table(self, layer: int) -> torch.Tensor:
-        """[languages, experts] bool: row i allows language ``languages[i]``'s experts."""
+    def experts_for(self, tag: str, layer: int) -> list[int]:
+        return self.allocated(tag, layer) or list(range(self.experts_per_layer[layer]))
+
+    def table(self, layer: int, prior: PriorMode = "allocation") -> torch.Tensor:
+        """[languages, experts] bool, the LPR targets of ``layer``: under ``allocation`` row i
+        allows language ``languages[i]``'s allocated experts; under ``anchor`` (MoE-LPR's
+        review) original languages get the anchor alone and every other language is free.
+        Free rows (unallocated languages too) are all False."""
         out = torch.zeros(len(self.languages), self.experts_per_layer[layer], dtype=torch.bool)
         for i, tag in enumerate(self.languages):
-            out[i, self.experts_for(tag, layer)] = True
+            if prior == "anchor":
+                out[i, 0] = tag in self.original
+            else:
+                out[i, self.allocated(tag, layer)] = True
         return out
 
-    def allowed(self, layers: Sequence[int], lang_index: torch.Tensor) -> list[torch.Tensor]:
+    def allowed(self, layers: Sequence[int], lang_index: torch.Tensor,
+                prior: PriorMode = "allocation") -> list[torch.Tensor]:
         """Per layer, a [tokens, experts] mask for tokens whose language index is given."""
         flat = lang_index.reshape(-1).cpu().long()
-        return [self.table(layer)[flat] for layer in layers]
+        return [self.table(layer, prior)[flat] for layer in layers]
 
     def is_new(self, lang_index: torch.Tensor) -> torch.Tensor:
         """Classifier targets: 1 where the token's language is not an original one."""
@@ -102,16 +118,12 @@ class RoutingPrior:
 
 
 @torch.no_grad()
-def layer_similarity(model: nn.Module, tokenizer: Any, texts: Mapping[str, Sequence[str]],
-                     max_length: int = 128, batch_size: int = 8) -> list[float]:
-    """Per decoder layer, the mean pairwise cosine between languages of FFN-input states.
+def language_centroids(model: nn.Module, tokenizer: Any, texts: Mapping[str, Sequence[str]],
+                       max_length: int = 128, batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """Per language, the [layers, hidden] mean FFN input over all its non-padding tokens.
 
-    Each language's FFN input (the post-attention-norm hidden state that the router will see)
-    is averaged over all its non-padding tokens into one centroid per layer; a layer's similarity
-    is the mean cosine over all pairs of language centroids. Needs at least two languages.
+    The FFN input is the post-attention-norm hidden state that the router will see.
     """
-    if len(texts) < 2:
-        raise ValueError(f"layer similarity needs text in ≥ 2 languages, got {sorted(texts)}")
     layers = model.model.layers
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -143,11 +155,50 @@ def layer_similarity(model: nn.Module, tokenizer: Any, texts: Mapping[str, Seque
     finally:
         for handle in handles:
             handle.remove()
-    centroids = {lang: sums[lang] / counts[lang] for lang in sums}
-    pairs = list(itertools.combinations(sorted(centroids), 2))
+    return {lang: sums[lang] / counts[lang] for lang in sums}
+
+
+def centroid_similarity(centroids: Mapping[str, torch.Tensor], new_languages: Sequence[str],
+                        measure: SimilarityMeasure = "new_pairs") -> list[float]:
+    """Per layer, the mean cosine between language centroids ([layers, hidden] each).
+
+    ``new_pairs`` (the LayerMoE authors' measure): over the pairs with at least one new
+    language — the new languages' similarity to each other and to the original ones; how alike
+    the original languages are among themselves says nothing about where new ones need experts.
+    ``all_pairs``: over every pair, original–original included.
+    """
+    if len(centroids) < 2:
+        raise ValueError(f"layer similarity needs text in ≥ 2 languages, got {sorted(centroids)}")
+    new = set(new_languages)
+    pairs = [(a, b) for a, b in itertools.combinations(sorted(centroids), 2)
+             if measure == "all_pairs" or a in new or b in new]
+    if not pairs:
+        raise ValueError(f"similarity {measure!r}: no language pair involves a new language "
+                         f"({sorted(new)}) among {sorted(centroids)}")
     sims = torch.stack([torch.cosine_similarity(centroids[a], centroids[b], dim=-1)
                         for a, b in pairs]).mean(dim=0)
     return [float(s) for s in sims]
+
+
+def layer_similarity(model: nn.Module, tokenizer: Any, texts: Mapping[str, Sequence[str]],
+                     new_languages: Sequence[str], measure: SimilarityMeasure = "new_pairs",
+                     max_length: int = 128, batch_size: int = 8) -> list[float]:
+    """Per decoder layer, LayerMoE's cross-lingual similarity of FFN inputs on ``texts``
+    (:func:`language_centroids`, then :func:`centroid_similarity`)."""
+    if len(texts) < 2:
+        raise ValueError(f"layer similarity needs text in ≥ 2 languages, got {sorted(texts)}")
+    centroids = language_centroids(model, tokenizer, texts, max_length, batch_size)
+    return centroid_similarity(centroids, new_languages, measure)
+
+
+def layermoe_budget(num_experts: int, layers: int, fraction: float,
+                    total_new_experts: int | None = None) -> int:
+    """LayerMoE's total of new experts: ``total_new_experts`` when given, else ``fraction`` of
+    what DeltaMoE adds (``num_experts − 1`` per MoE layer), rounded down — LayerMoE's point is
+    fewer experts than a uniform layout — and never below one new expert per layer."""
+    if total_new_experts is not None:
+        return total_new_experts
+    return max(layers, math.floor(fraction * (num_experts - 1) * layers + 1e-9))
 
 
 def layermoe_counts(similarity: Sequence[float], total_new_experts: int,

@@ -96,7 +96,9 @@ class LanguageMoeBlock(nn.Module):
     classifier, a token whose classifier logits favour class 0 (original language) goes to the
     anchor expert alone; zero-initialised logits tie, and ties go to class 0, so a freshly
     upcycled classifier layer is exact too. The classifier is trained with its own loss
-    (:func:`components.moe.routing.classifier_loss`); its hard decision carries no gradient.
+    (:func:`components.moe.routing.classifier_loss`); its hard decision carries no gradient, and
+    it reads a detached copy of the FFN input, so that loss trains the classifier alone instead
+    of reshaping the earlier layers' experts to make the languages easier to tell apart.
 
     The experts run as the model config's ``_experts_implementation`` says (transformers'
     switch, :meth:`DeltaMoeForCausalLM.set_experts_implementation`): ``grouped_mm`` (the
@@ -140,7 +142,7 @@ class LanguageMoeBlock(nn.Module):
             y = self.experts[expert](flat[rows]) * weights[rows, slot, None]
             out.index_add_(0, rows, y.to(out.dtype))
         if self.classifier is not None:
-            original = self.classifier(flat).argmax(dim=-1) == 0
+            original = self.classifier(flat.detach()).argmax(dim=-1) == 0
             if original.any():
                 anchor = self.experts[0](flat[original])
                 out = out.index_put((original.nonzero().squeeze(1),), anchor.to(out.dtype))
@@ -152,7 +154,7 @@ class LanguageMoeBlock(nn.Module):
         if self.classifier is not None:
             # original-language tokens: every slot on the anchor, all weight on the first one
             # (y·1 + y·0 is y exactly), so the same sorted GEMMs serve them without a sync
-            original = (self.classifier(flat).argmax(dim=-1) == 0)[:, None]
+            original = (self.classifier(flat.detach()).argmax(dim=-1) == 0)[:, None]
             chosen = torch.where(original, torch.zeros_like(chosen), chosen)
             first = torch.zeros_like(weights)
             first[:, 0] = 1.0

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -146,16 +146,69 @@ def lpr_loss(logits: Sequence[torch.Tensor], allowed: Sequence[torch.Tensor],
     return total / count
 
 
+ClassifierLevel = Literal["sequence", "token"]
+
+
+def _classifier_rows(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None,
+                     level: ClassifierLevel) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's classifier logits and targets at ``level``, padding left out.
+
+    ``token``: every unmasked token is a row, ``target`` per token ([B, L] or flat).
+    ``sequence``: ``target`` holds one group per sequence ([B]); a row is the mean of the
+    sequence's unmasked token logits, which (the classifier being linear) is the classifier
+    applied to the sequence's summed FFN inputs divided by its length — LayerMoE's
+    sequence-level training, averaged rather than summed so that the bias stays at the scale of
+    the per-token decision the classifier makes when routing.
+    """
+    z = logits.float()
+    if level == "token":
+        keep = _token_mask(mask, z.shape[0], z.device)
+        return z[keep], target.reshape(-1).to(z.device).long()[keep]
+    sequences = target.reshape(-1).shape[0]
+    if z.shape[0] % sequences:
+        raise ValueError(f"{z.shape[0]} token logits do not split into {sequences} sequences")
+    keep = _token_mask(mask, z.shape[0], z.device).view(sequences, -1, 1).float()
+    counts = keep.sum(dim=1)
+    pooled = (z.view(sequences, -1, z.shape[-1]) * keep).sum(dim=1) / counts.clamp_min(1.0)
+    present = counts[:, 0] > 0
+    return pooled[present], target.reshape(-1).to(z.device).long()[present]
+
+
 def classifier_loss(logits: Sequence[torch.Tensor], is_new: torch.Tensor,
-                    mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy of the LayerMoE classifiers against each token's group (0 original, 1 new)."""
-    target = is_new.reshape(-1).long()
+                    mask: torch.Tensor | None = None,
+                    level: ClassifierLevel = "token") -> torch.Tensor:
+    """Cross-entropy of the LayerMoE classifiers against the group (0 original, 1 new), mean
+    over classifier layers; ``is_new`` per token (``token``) or per sequence (``sequence``)."""
     losses = []
     for layer_logits in logits:
-        keep = _token_mask(mask, layer_logits.shape[0], layer_logits.device)
-        losses.append(F.cross_entropy(layer_logits[keep].float(), target[keep].to(
-            layer_logits.device)))
+        rows, target = _classifier_rows(layer_logits, is_new, mask, level)
+        losses.append(F.cross_entropy(rows, target))
     return torch.stack(losses).mean()
+
+
+@torch.no_grad()
+def classifier_correct(logits: torch.Tensor, is_new: torch.Tensor,
+                       mask: torch.Tensor | None = None,
+                       level: ClassifierLevel = "token") -> tuple[int, int]:
+    """(correct, rows) of one classifier layer's decision (argmax, ties to class 0 as routing
+    does) at ``level``: the figures behind the logged classifier accuracy."""
+    rows, target = _classifier_rows(logits, is_new, mask, level)
+    return int((rows.argmax(dim=-1) == target).sum()), int(target.numel())
+
+
+@torch.no_grad()
+def anchor_hits(router_logits: torch.Tensor, top_k: int,
+                classifier_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """Per token (bool [tokens]): does its routing use the anchor expert 0?
+
+    True when the router's top-k includes expert 0, or when the layer's classifier judges the
+    token original-language (it then goes to the anchor alone, whatever the router says).
+    """
+    experts = router_logits.shape[-1]
+    hits = (torch.topk(router_logits.float(), min(top_k, experts), dim=-1).indices == 0).any(-1)
+    if classifier_logits is not None:
+        hits = hits | (classifier_logits.argmax(dim=-1) == 0)
+    return hits
 
 
 @dataclass

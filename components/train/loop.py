@@ -2,16 +2,21 @@
 
 Per optimizer step: ``grad_accum`` micro batches (gradient sync only on the last), loss = LM
 cross-entropy (+ ``balance_coef`` × load balancing + ``lpr_coef`` × language-prior routing on
-an MoE), anchor rows of fused experts zeroed, gradients clipped, AdamW over the trainable
-parameters only (frozen ones get no gradient and no optimizer state; the fused kernel on CUDA),
-fused anchors restored, cosine LR. Batches are read ahead in a background thread
-(``train.prefetch``); each log step adds tokens/s, peak memory and, where the device's peak is
-known, MFU on active parameters (:mod:`components.train.throughput`). Every
-``checkpoint_every`` steps (and at the end) a DCP checkpoint is reported; a
-restarted worker, or a rerun of the same run name, resumes from the newest one, its data stream
-included (the checkpoint counts the micro batches consumed). With
+an MoE, + ``classifier_coef`` × LayerMoE's classifier loss on a model with classifier layers,
+per sequence or per token as ``classifier_level`` says), anchor rows of fused experts zeroed,
+gradients clipped, AdamW over the trainable parameters only (frozen ones get no gradient and no
+optimizer state; the fused kernel on CUDA), fused anchors restored, cosine LR. Batches are read
+ahead in a background thread (``train.prefetch``); each log step adds tokens/s, peak memory
+and, where the device's peak is known, MFU on active parameters
+(:mod:`components.train.throughput`). Every ``checkpoint_every`` steps (and at the end) a DCP
+checkpoint is reported; a restarted worker, or a rerun of the same run name, resumes from the
+newest one, its data stream included (the checkpoint counts the micro batches consumed). With
 ``train.review.enabled`` an MoE run ends with a router-only phase (MoE-LPR's review: only the
-routers in the optimizer, LPR with ``review.lpr_coef``) counted after the main steps.
+routers in the optimizer, LPR with ``review.lpr_coef`` towards ``review.prior``'s targets)
+counted after the main steps; validation then runs at the end of the main phase too, its
+figures logged at that step and reported with a ``/pre_review`` suffix. Validation on an MoE
+with an allocation also measures the anchor share of original-language tokens per layer and
+the classifiers' accuracy (:class:`~components.train.metrics.RoutingMeter`).
 """
 
 from __future__ import annotations
@@ -29,11 +34,16 @@ import torch.nn.functional as F
 
 from components.moe.allocation import RoutingPrior
 from components.moe.freeze import parameter_counts, role
-from components.moe.routing import RouterCapture, load_balancing_loss, lpr_loss
+from components.moe.routing import (
+    RouterCapture,
+    classifier_loss,
+    load_balancing_loss,
+    lpr_loss,
+)
 from components.train import checkpoint as ckpt
 from components.train.data import IGNORE, Batch, Prefetcher, prefetched, validation_batches
 from components.train.fsdp import AnchorGuard, build_sharded, device_mesh, placement
-from components.train.metrics import LossMeter, RouterMeter
+from components.train.metrics import LossMeter, RouterMeter, RoutingMeter
 from components.train.prometheus import TrainGauges
 from components.train.schedule import lr_factor
 from components.train.session import record_start
@@ -73,7 +83,7 @@ class Worker:
         mesh = device_mesh(self.device)
         self.model = build_sharded(
             spec.init_dir, mesh, self.place, mode=spec.mode, freeze_anchor=spec.freeze_anchor,
-            freeze_shared=spec.freeze_shared,
+            freeze_shared=spec.freeze_shared, train_layers=spec.train_layers,
             activation_checkpointing=self.cfg.activation_checkpointing,
             experts_implementation=self.cfg.experts_implementation,
             compile_blocks=self.cfg.compile)
@@ -87,6 +97,15 @@ class Worker:
         self.prior = (RoutingPrior.from_model(spec.init_dir, languages)
                       if self.is_moe and (Path(spec.init_dir) / "allocation.json").exists()
                       else None)
+        if self.capture is not None and self.capture.classifiers and (
+                self.prior is None or not self.prior.original):
+            raise TrainError(f"{spec.init_dir}: classifier layers "
+                             f"{sorted(self.capture.classifiers)} need allocation.json's "
+                             "original_languages (the classifier's targets)")
+        self.routing = (RoutingMeter(self.prior, sorted(self.capture.routers),
+                                     sorted(self.capture.classifiers))
+                        if self.capture is not None and self.prior is not None else None)
+        self.pre_review: dict[str, float] = {}
         self.guard = AnchorGuard(self.model, self.is_moe and spec.freeze_anchor)
         self.losses = LossMeter(languages)
         self.routers = RouterMeter(languages, self.prior)
@@ -140,8 +159,8 @@ class Worker:
 
     # ---------------------------------------------------------------- one step
 
-    def forward(self, batch: Batch, lpr_coef: float, balance_coef: float
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, batch: Batch, lpr_coef: float, balance_coef: float,
+                classifier_coef: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.capture is not None:
             self.capture.clear()
         logits = self.model(input_ids=batch.input_ids, use_cache=False).logits
@@ -158,20 +177,33 @@ class Worker:
                     router_logits, [top_k[layer] for layer in layers])
             if lpr_coef > 0 and self.prior is not None:
                 token_lang = batch.lang_index[:, None].expand_as(batch.input_ids)
-                allowed = self.prior.allowed(layers, token_lang)
+                allowed = self.prior.allowed(layers, token_lang, self.cfg.review.prior)
                 loss = loss + lpr_coef * lpr_loss(router_logits, allowed)
+            if classifier_coef > 0 and self.capture.classifier_logits:
+                loss = loss + classifier_coef * self._classifier_loss(batch)
         return loss, per_token.detach(), mask
+
+    def _classifier_loss(self, batch: Batch) -> torch.Tensor:
+        assert self.capture is not None and self.prior is not None  # checked in __init__
+        is_new = self.prior.is_new(batch.lang_index)  # per sequence: its language's group
+        rows = (batch.weight > 0)[:, None].expand_as(batch.input_ids)
+        level = self.cfg.classifier_level
+        target = is_new[:, None].expand(batch.input_ids.shape) if level == "token" else is_new
+        logits = [self.capture.classifier_logits[layer]
+                  for layer in sorted(self.capture.classifier_logits)]
+        return classifier_loss(logits, target, rows, level)
 
     def step(self, batches: Any, step: int) -> tuple[int, float]:
         review = step >= self.steps
         coef_lpr = self.cfg.review.lpr_coef if review else self.cfg.lpr_coef
         coef_bal = 0.0 if review else self.cfg.balance_coef
+        coef_cls = 0.0 if review else self.cfg.classifier_coef
         tokens = 0
         for micro in range(self.cfg.grad_accum):
             batch = next(batches).to(self.device)
             self.model.set_requires_gradient_sync(micro == self.cfg.grad_accum - 1)
             with self.capture if self.capture is not None else nullcontext():
-                loss, per_token, mask = self.forward(batch, coef_lpr, coef_bal)
+                loss, per_token, mask = self.forward(batch, coef_lpr, coef_bal, coef_cls)
                 (loss / self.cfg.grad_accum).backward()
                 self.losses.update(per_token, mask, batch.lang_index)
                 if self.capture is not None and self.capture.logits:
@@ -205,13 +237,21 @@ class Worker:
             return {}
         self.model.eval()
         meter = LossMeter(self.languages)
-        for batch in batches:
-            batch = batch.to(self.device)
-            logits = self.model(input_ids=batch.input_ids, use_cache=False).logits
-            per_token, mask = token_losses(logits, batch.labels)
-            meter.update(per_token, mask * batch.weight[:, None], batch.lang_index)
+        capture = self.capture if self.routing is not None else None
+        with capture if capture is not None else nullcontext():
+            for batch in batches:
+                batch = batch.to(self.device)
+                if capture is not None:
+                    capture.clear()
+                logits = self.model(input_ids=batch.input_ids, use_cache=False).logits
+                per_token, mask = token_losses(logits, batch.labels)
+                meter.update(per_token, mask * batch.weight[:, None], batch.lang_index)
+                if capture is not None and self.routing is not None:
+                    self.routing.update(capture.logits, capture.classifier_logits,
+                                        capture.top_k(), batch.lang_index, batch.weight)
         self.model.train()
-        return meter.metrics("val/loss", self.device)
+        routing = self.routing.metrics(self.device) if self.routing is not None else {}
+        return {**meter.metrics("val/loss", self.device), **routing}
 
     def save(self, step: int, tokens: int, extra: dict[str, Any]) -> Any:
         state = {"step": step, "tokens": tokens, "phase": self.phase, "languages": self.languages,
@@ -242,6 +282,7 @@ class Worker:
         tokens = int(state["tokens"]) if state else 0
         step_seconds = float(state.get("step_seconds", 0.0)) if state else 0.0
         initial = dict(state.get("initial", {})) if state else {}
+        self.pre_review = dict(state.get("pre_review", {})) if state else {}
         counts = self.counts()
         if session.rank == 0:
             record_start(session.run_dir, start if state else None, session.world_size)
@@ -307,15 +348,22 @@ class Worker:
                 session.progress({"step": done, "total": total,
                                   "loss": metrics.get("train/loss")})
             final = {}
+            if done == self.steps and self.review > 0:  # the routing review is about to start
+                measured = self.validate()
+                if self.logger is not None:
+                    self.logger.log_metrics(measured, step=done)
+                self.pre_review = {f"{k}/pre_review": v for k, v in measured.items()}
             if done == total:
                 final = self.validate()
                 if self.logger is not None:
                     self.logger.log_metrics(final, step=done)
+                final = {**self.pre_review, **final}
             if done % cfg.checkpoint_every == 0 or done == total:
                 report = {"step": done, "tokens": tokens, **initial, **final,
                           **{k: v for k, v in metrics.items() if k.startswith("train/loss")}}
                 session.report(done, report, self.save(done, tokens, {
                     "initial": initial, "final": final, "counts": counts,
+                    "pre_review": self.pre_review,
                     "micro_batches": done * cfg.grad_accum,
                     "step_seconds": step_seconds + time.perf_counter() - loop_start}))
             if spec.fail_at_step == done and session.rank == session.world_size - 1:

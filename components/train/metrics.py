@@ -5,7 +5,11 @@ figures (the only ones written to MLflow) cover every rank's tokens. Names follo
 ``train/loss``, ``train/loss/<lang>``, ``train/lr``, ``train/tokens_per_s``,
 ``train/grad_norm``, ``router/load/<layer>/<expert>/<lang>`` and
 ``router/allocated_share/<lang>`` (the share of a language's top-k assignments that reach the
-experts its allocation gives it, averaged over MoE layers).
+experts its allocation gives it, averaged over MoE layers). Validation adds
+``router/anchor_share/<layer>`` and their mean ``router/anchor_share`` (the share of
+original-language tokens whose experts include the anchor, classifier decisions counted) and,
+on a model with LayerMoE classifiers, ``val/classifier_acc`` (per token, the routing decision)
+and ``val/classifier_acc/sequence``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from components.moe.allocation import RoutingPrior
-from components.moe.routing import RouterStats
+from components.moe.routing import RouterStats, anchor_hits, classifier_correct
 
 
 class LossMeter:
@@ -90,3 +94,59 @@ def allocated_share(stats: RouterStats, prior: RoutingPrior) -> dict[str, float]
             allowed = prior.experts_for(lang, layer)
             shares.setdefault(lang, []).append(sum(row[e] for e in allowed))
     return {f"router/allocated_share/{lang}": sum(v) / len(v) for lang, v in shares.items()}
+
+
+class RoutingMeter:
+    """Anchor share of original-language tokens per MoE layer and the classifiers' accuracy,
+    summed over batches and reduced over ranks (what validation reports)."""
+
+    def __init__(self, prior: RoutingPrior, layers: Sequence[int],
+                 classifier_layers: Sequence[int]) -> None:
+        self.prior = prior
+        self.layers = list(layers)
+        self.original = ~prior.is_new(torch.arange(len(prior.languages)))
+        self.anchor = torch.zeros(len(self.layers), 2, dtype=torch.float64)  # hits, tokens
+        self.classifier = torch.zeros(2, 2, dtype=torch.float64)  # token, sequence × right, all
+        self.has_classifier = bool(classifier_layers)
+
+    @torch.no_grad()
+    def update(self, logits: dict[int, torch.Tensor], classifier_logits: dict[int, torch.Tensor],
+               top_k: dict[int, int], lang_index: torch.Tensor, weight: torch.Tensor) -> None:
+        """``lang_index``/``weight`` per sequence [B] (weight 0: a padding row)."""
+        rows = weight.cpu() > 0
+        tokens = next(iter(logits.values())).shape[0] // lang_index.shape[0]
+        token_mask = rows[:, None].expand(-1, tokens).reshape(-1)
+        original = (self.original[lang_index.cpu()][:, None].expand(-1, tokens).reshape(-1)
+                    & token_mask)
+        for i, layer in enumerate(self.layers):
+            hits = anchor_hits(logits[layer], top_k[layer], classifier_logits.get(layer)).cpu()
+            self.anchor[i, 0] += float((hits & original).sum())
+            self.anchor[i, 1] += float(original.sum())
+        is_new = self.prior.is_new(lang_index)
+        for layer_logits in classifier_logits.values():
+            for level, row in (("token", 0), ("sequence", 1)):
+                target = is_new[:, None].expand(-1, tokens) if level == "token" else is_new
+                right, count = classifier_correct(layer_logits.cpu(), target,
+                                                  token_mask, level)
+                self.classifier[row] += torch.tensor([right, count], dtype=torch.float64)
+
+    def metrics(self, device: torch.device) -> dict[str, float]:
+        sums = torch.cat([self.anchor, self.classifier]).to(device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(sums)
+        anchor, classifier = sums[:len(self.layers)].cpu(), sums[len(self.layers):].cpu()
+        out: dict[str, float] = {}
+        shares = [float(a / n) for a, n in anchor.tolist() if n > 0]
+        for layer, (hits, count) in zip(self.layers, anchor.tolist(), strict=True):
+            if count > 0:
+                out[f"router/anchor_share/{layer}"] = hits / count
+        if shares:
+            out["router/anchor_share"] = sum(shares) / len(shares)
+        if self.has_classifier:
+            for key, (right, count) in zip(("val/classifier_acc", "val/classifier_acc/sequence"),
+                                           classifier.tolist(), strict=True):
+                if count > 0:
+                    out[key] = right / count
+        self.anchor.zero_()
+        self.classifier.zero_()
+        return out

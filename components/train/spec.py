@@ -47,7 +47,9 @@ class TrainSpec:
     ``mode``: ``cpt_moe`` (upcycled MoE: anchor/shared frozen per ``freeze_*``, balance and LPR
     losses), ``dense`` (continued pre-training of a dense model, everything trains),
     ``pretrain`` (the same from a randomly initialised model), ``sft`` (parquet rows carry
-    ``labels`` with -100 where no loss is taken). ``checkpoint_root``/``run_name`` name where the
+    ``labels`` with -100 where no loss is taken). ``train_layers`` (a dense mode) trains those
+decoder layers only, everything else frozen: a block-expanded model's new blocks.
+``checkpoint_root``/``run_name`` name where the
     DCP checkpoints live: the same pair on a rerun resumes. ``tokens`` (a token budget) overrides
     ``steps`` when set. ``fail_at_step``/``fail_marker`` are a fault-injection hook for tests:
     the last rank raises once at that step unless the marker file exists (it creates it first).
@@ -69,6 +71,7 @@ class TrainSpec:
     seed: int = 0
     freeze_anchor: bool = True
     freeze_shared: bool = True
+    train_layers: tuple[int, ...] | None = None  # only these decoder layers train (block expansion)
     max_validation_rows: int = 256
     fail_at_step: int | None = None
     fail_marker: str | None = None
