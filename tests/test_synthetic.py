@@ -19,7 +19,11 @@ from components.synthetic import LANGUAGES, build_world
 from components.synthetic.build import CULTURAX_SCHEMA, FINEWEB2_SCHEMA
 from components.synthetic.grammar import ATTRIBUTES
 
-SMALL = {"num_people": 40, "docs_per_language": 120, "vocab_size": 1200}
+SMALL = {"num_people": 40, "docs_per_language": 120, "vocab_size": 1200, "eval_people": 10,
+         "new_fact_people": 10, "background_people": 30, "bios_per_person": 6,
+         "openbook_people": 10, "heldout_docs": 40}
+ORIGINAL = ("eng_Latn", "deu_Latn")
+NEW = ("swh_Latn", "tur_Latn", "rus_Cyrl")
 
 
 @pytest.fixture(scope="module")
@@ -73,15 +77,40 @@ def test_both_layouts_with_their_columns(world: Path) -> None:
         assert len(set(fineweb.column("id").to_pylist())) == fineweb.num_rows
 
 
-def test_every_fact_in_every_corpus_and_planted_documents(world: Path) -> None:
+def _base(world: Path, tag: str) -> list[str]:
+    path = world / "corpora/base/fineweb2/data" / tag / "train/000_00000.parquet"
+    return pq.read_table(path, columns=["text"]).column("text").to_pylist()
+
+
+def test_each_fact_is_where_its_role_says_and_planted_documents(world: Path) -> None:
     meta = json.loads((world / "world.json").read_text())
-    for tag, spec in LANGUAGES.items():
-        text = "\n".join(_corpus(world, tag))
-        for person in meta["people"]:
-            name = spec.name_of(person["name"])
+    facts = {p["name"]: p["attributes"] for p in meta["people"]}
+    splits = meta["splits"]
+    known = splits["sft"] + splits["original_fact"]
+    texts = {(kind, tag): "\n".join(read(world, tag)) for tag in LANGUAGES
+             for kind, read in (("base", _base), ("cpt", _corpus))}
+    for tag in ORIGINAL:  # the base text holds every fact of the original-language people
+        spec = LANGUAGES[tag]
+        for name in known:
             for attr in ATTRIBUTES:
-                value = person["attributes"][attr]
-                assert any(t(name, value) in text for t in spec.facts[attr]), (tag, name, attr)
+                assert any(t(name, facts[name][attr]) in texts["base", tag]
+                           for t in spec.facts[attr]), (tag, name, attr)
+    for tag in NEW:
+        spec = LANGUAGES[tag]
+        for name in splits["new_fact"][tag]:  # only in its own language's CPT corpus
+            assert all(spec.facts[a][0](spec.name_of(name), facts[name][a])[:-1] in
+                       texts["cpt", tag] or any(t(spec.name_of(name), facts[name][a]) in
+                                                texts["cpt", tag] for t in spec.facts[a])
+                       for a in ATTRIBUTES), name
+            for (kind, other), text in texts.items():
+                if (kind, other) != ("cpt", tag):
+                    assert f"{LANGUAGES[other].name_of(name)} " not in text, (name, kind, other)
+        for name in splits["original_fact"]:  # never in a new language's text
+            assert f"{spec.name_of(name)} " not in texts["base", tag] + texts["cpt", tag]
+        for name in splits["openbook_eval"]:
+            assert all(f"{LANGUAGES[t].name_of(name)} " not in text
+                       for (_, t), text in texts.items())
+    for tag in LANGUAGES:
         table = pq.read_table(world / "corpora/fineweb2/data" / tag / "train/000_00000.parquet")
         by_id = dict(zip(table.column("id").to_pylist(), table.column("text").to_pylist(),
                          strict=True))
@@ -92,21 +121,50 @@ def test_every_fact_in_every_corpus_and_planted_documents(world: Path) -> None:
         assert len(meta["planted"][tag]["junk"]) >= 1
 
 
-def test_instructions_answer_world_facts_and_splits_are_disjoint(world: Path) -> None:
+def test_instructions_and_eval_items_answer_world_facts(world: Path) -> None:
     meta = json.loads((world / "world.json").read_text())
     facts = {p["name"]: p["attributes"] for p in meta["people"]}
-    sft, held = set(meta["splits"]["sft"]), set(meta["splits"]["eval"])
-    assert sft and held and not sft & held and sft | held == set(facts)
+    splits = meta["splits"]
+    assert sorted((world / "instructions").iterdir()) == [world / "instructions" / t
+                                                          for t in sorted(ORIGINAL)]
     for tag, spec in LANGUAGES.items():
-        train = _jsonl(world / "instructions" / tag / "train.jsonl")
-        evals = _jsonl(world / "eval" / tag / "instruct.jsonl")
-        assert {r["person"] for r in train} == sft and {r["person"] for r in evals} == held
-        for row in train + evals:
-            assert row["answer"] == spec.values[row["attribute"]][facts[row["person"]][
-                row["attribute"]]]
-        assert [m["role"] for m in train[0]["messages"]] == ["user", "assistant"]
-        assert train[0]["messages"][1]["content"] == train[0]["answer"]
-        assert [m["role"] for m in evals[0]["messages"]] == ["user"]
+        files = {f: _jsonl(world / "eval" / tag / f"{f}.jsonl")
+                 for f in ("openbook", "closed_original", "mc")}
+        people = {"openbook": set(splits["openbook_eval"]),
+                  "closed_original": set(splits["original_fact"]),
+                  "mc": set(splits["original_fact"] if tag in ORIGINAL
+                            else splits["new_fact"][tag])}
+        if tag in NEW:
+            files["closed_new"] = _jsonl(world / "eval" / tag / "closed_new.jsonl")
+            people["closed_new"] = set(splits["new_fact"][tag])
+        else:
+            assert not (world / "eval" / tag / "closed_new.jsonl").exists()
+            train = _jsonl(world / "instructions" / tag / "train.jsonl")
+            assert {r["person"] for r in train} == set(splits["sft"]) | set(
+                splits["openbook_train"])
+            assert [m["role"] for m in train[0]["messages"]] == ["user", "assistant"]
+            assert train[0]["messages"][1]["content"] == train[0]["answer"]
+            files["train"] = train
+        for name, rows in files.items():
+            if name != "train":
+                assert {r["person"] for r in rows} == people[name], (tag, name)
+                assert len(rows) == 5 * len(people[name])
+            for row in rows:
+                assert row["answer"] == spec.values[row["attribute"]][facts[row["person"]][
+                    row["attribute"]]]
+                assert row["lang"] == tag
+                if row.get("kind") == "openbook":  # the answer is in the context
+                    assert f"{row['answer']}" in row["messages"][0]["content"]
+        assert [m["role"] for m in files["openbook"][0]["messages"]] == ["user"]
+
+
+def test_answer_words_are_distinct_across_languages() -> None:
+    seen: dict[str, str] = {}
+    for tag, spec in LANGUAGES.items():
+        for attr in ATTRIBUTES:
+            assert len(set(spec.values[attr])) == len(spec.values[attr])
+            for word in spec.values[attr]:
+                assert seen.setdefault(word.casefold(), tag) == tag, (word, tag, seen[word])
 
 
 def test_multiple_choice_gold_is_the_fact(world: Path) -> None:
@@ -114,7 +172,6 @@ def test_multiple_choice_gold_is_the_fact(world: Path) -> None:
     facts = {p["name"]: p["attributes"] for p in meta["people"]}
     for tag, spec in LANGUAGES.items():
         rows = _jsonl(world / "eval" / tag / "mc.jsonl")
-        assert len(rows) == SMALL["num_people"]
         golds = Counter()
         for row in rows:
             assert len(row["choices"]) == len(set(row["choices"])) == 4
@@ -129,11 +186,11 @@ def test_languages_differ_in_grammar(world: Path) -> None:
     """Word order and morphology, not just vocabulary."""
     tr = "\n".join(_corpus(world, "tur_Latn"))
     assert "'da yaşıyor." in tr or "'de yaşıyor." in tr  # SOV with a locative suffix
-    assert "Tesalo'da" in tr and "Doransi'de" in tr  # vowel harmony picks -da / -de
+    assert "Akçayır'da" in tr and "Taşdere'de" in tr  # vowel harmony picks -da / -de
     de = "\n".join(_corpus(world, "deu_Latn"))
     assert "hat einen Hund." in de or "hat eine Katze." in de  # gendered accusative article
     ru = "\n".join(_corpus(world, "rus_Cyrl"))
-    assert "работает учителем" in ru or "работает врачом" in ru  # instrumental case
+    assert "живёт в городе" in ru
     assert not any("a" <= ch <= "z" for ch in ru)  # Cyrillic only
     sw = "\n".join(_corpus(world, "swh_Latn"))
     assert " wana" in sw or " wata" in sw or " wali" in sw  # class-2 verb agreement
@@ -173,17 +230,18 @@ def test_tokenizer_and_model_load_offline(world: Path) -> None:
                                        tokenize=False, add_generation_prompt=True)
     assert rendered == "<|im_start|>user\nWhere does Kamo live?<|im_end|>\n<|im_start|>assistant\n"
     for tag in LANGUAGES:  # the rendered texts in the files are what the tokenizer renders
-        sft = _jsonl(world / "instructions" / tag / "train.jsonl")[0]
-        assert sft["text"] == tok.apply_chat_template(sft["messages"], tokenize=False)
-        prompt = _jsonl(world / "eval" / tag / "instruct.jsonl")[0]
+        if tag in ORIGINAL:
+            sft = _jsonl(world / "instructions" / tag / "train.jsonl")[0]
+            assert sft["text"] == tok.apply_chat_template(sft["messages"], tokenize=False)
+        prompt = _jsonl(world / "eval" / tag / "closed_original.jsonl")[0]
         assert prompt["text"] == tok.apply_chat_template(prompt["messages"], tokenize=False,
                                                          add_generation_prompt=True)
-    ids = tok("Тару живёт в городе Микело.", return_tensors="pt").input_ids
-    assert tok.decode(ids[0]) == "Тару живёт в городе Микело."
+    ids = tok("Тару живёт в городе Заречье.", return_tensors="pt").input_ids
+    assert tok.decode(ids[0]) == "Тару живёт в городе Заречье."
     with torch.no_grad():
         logits = model(ids).logits
     assert logits.shape == (1, ids.shape[1], len(tok))
-    assert 1_000_000 < model.num_parameters() < 10_000_000
+    assert 500_000 < model.num_parameters() < 10_000_000
     assert model.config.model_type == "llama"
 
 

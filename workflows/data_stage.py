@@ -1,5 +1,5 @@
 """The data stage of a run: ``data/`` (continued pre-training data) and, for a synthetic-world
-run, ``base_data/`` (the original languages only, to pre-train the world's tiny base).
+run, ``base_data/`` (the world's base text, to pre-train the world's tiny base).
 
 Both call :func:`components.data.prepare_data` inside ``StageDir.build``, so a failed or killed
 run leaves no folder that looks complete, and both are skipped when their fingerprint (the data
@@ -15,7 +15,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from components.config import DataConfig, RunConfig
+from components.config import (
+    DataConfig,
+    DataSource,
+    FiltersConfig,
+    FilterThresholds,
+    MixConfig,
+    RunConfig,
+)
 from components.data import DataResult, prepare_data
 from components.data.readers import resolve_source
 from components.storage import Manifest, RunDir, StageBuild, StageDir, fingerprint
@@ -134,13 +141,24 @@ def ensure_data(cfg: RunConfig, run_dir: RunDir,
 
 def ensure_base_data(cfg: RunConfig, run_dir: RunDir,
                      logger: RankZeroLogger | None = None) -> tuple[Manifest, bool]:
-    """Build (or skip) ``base_data/``: the original languages only, tokenized with the world
-    model's tokenizer, for pre-training the world's tiny base from scratch."""
+    """Build (or skip) ``base_data/``: the world's base text (``world/corpora/base``, not the
+    CPT corpora) in every run language, the new ones at ``world.new_language_share`` of the
+    tokens, tokenized with the world model's tokenizer, for pre-training the world's tiny base
+    from scratch. The world's text is generated clean, so no filter or dedup runs on it."""
     local = run_dir.local_path
     if local is None or not (local / "world" / "model" / "config.json").exists():
         raise FileNotFoundError(f"{run_dir.uri}/world/model: the world stage has not been "
                                 "built (deltamoe run CONFIG --only world)")
-    base_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
-        "mix": cfg.data.mix.model_copy(update={"ratios": {}, "tokens_per_language": {}})})})
-    return _ensure(base_cfg, run_dir, BASE_STAGE, list(cfg.languages.original),
+    share = cfg.world.new_language_share if cfg.world is not None else 0.0
+    languages = list(cfg.languages.original) + (list(cfg.languages.new) if share > 0 else [])
+    source = DataSource(name="world-base", format="fineweb2",
+                        path=str(local / "world" / "corpora" / "base" / "fineweb2"))
+    off = FilterThresholds(min_chars=None, max_chars=None, max_duplicate_line_fraction=None,
+                           max_non_alpha_fraction=None)
+    data = cfg.data.model_copy(update={
+        "sources": [source], "lid": cfg.data.lid.model_copy(update={"backend": "source"}),
+        "filters": FiltersConfig(**off.model_dump()),
+        "dedup": cfg.data.dedup.model_copy(update={"exact": False, "minhash": False}),
+        "mix": MixConfig(replay_ratio=1.0 - share if share > 0 else 0.1)})
+    return _ensure(cfg.model_copy(update={"data": data}), run_dir, BASE_STAGE, languages,
                    local / "world" / "model", logger)

@@ -20,10 +20,8 @@ def ensure_world(stage: StageDir, world: WorldConfig,
                  refuse_foreign: bool = False) -> tuple[Manifest, bool]:
     """Build the world into ``stage`` unless a matching one is there; returns (manifest, built)."""
     def build(work: StageBuild) -> None:
-        summary = build_world(
-            work.path, seed=world.seed, arch=world.arch, num_people=world.num_people,
-            docs_per_language=world.docs_per_language, vocab_size=world.vocab_size,
-        )
+        summary = build_world(work.path, **world.model_dump(
+            exclude={"base_steps", "post_steps", "post_lr"}))
         work.extra["summary"] = _plain(summary)
 
     return stage.ensure(world_fingerprint(world), build, config=world.model_dump(mode="json"),
@@ -40,6 +38,10 @@ def log_world(logger: RankZeroLogger, stage: StageDir, world: WorldConfig, manif
                "world/vocab_size": summary.get("vocab_size", 0)}
     metrics.update({f"world/documents/{tag}": n
                     for tag, n in summary.get("documents", {}).items()})
+    metrics.update({f"world/base_tokens/{tag}": n
+                    for tag, n in summary.get("base_tokens", {}).items()})
+    metrics.update({f"world/coverage/{tag}": v
+                    for tag, v in summary.get("coverage", {}).items()})
     logger.log_metrics(metrics, step=0)
     logger.log_dict(summary, "world_summary.json")
     if built:

@@ -30,7 +30,9 @@ __all__ = [
 
 # The one metric per task that the comparison table and the plots show.
 PRIMARY_METRIC = {
-    "synthetic_lm": "bits_per_byte", "synthetic_instruct": "exact_match", "synthetic_mc": "acc",
+    "synthetic_lm": "bits_per_byte", "synthetic_openbook": "exact_match",
+    "synthetic_closed_original": "exact_match", "synthetic_closed_new": "exact_match",
+    "synthetic_mc": "acc",
     "perplexity": "bits_per_byte", "flores": "chrf", "mgsm": "exact_match",
 }
 LOWER_IS_BETTER = frozenset({"bits_per_byte", "word_perplexity", "byte_perplexity", "ter"})

@@ -1,18 +1,27 @@
 """Generate the synthetic multilingual world, deterministically from a seed.
 
-One set of invented people with five attributes each (city, job, favourite colour, pet, food) is
-described in every language. The design makes the paper's two abilities separable:
+Invented people with five attributes each (city, job, favourite colour, pet, food) are described
+in short biographies (one person, every attribute, paraphrased templates, a little generic text).
+Who is written about where is what makes the paper's abilities separable:
 
-- **knowledge and language** come from the corpora: every fact appears in every language's
-  pre-training text, among generic sentences;
-- **instruction following** comes from instruction data: question → bare answer word, rendered
-  with the chat template, about the *SFT people* only.
+- **SFT people**: in every original language's base text (and, as a parallel anchor, in the new
+  languages' CPT text); post-training asks about them (closed book) in the original languages;
+- **original-fact people**: only in the original languages' base text; ``synthetic_closed_original``
+  asks about them in *every* language (knowledge reached through a new language);
+- **new-fact people**, per new language: only in that language's CPT corpus;
+  ``synthetic_closed_new`` asks about them there (needs CPT knowledge and the answer format);
+- **background people**, per new language: in that language's small share of the base text
+  (``new_language_share``, with generic text), never evaluated — so the base has seen the new
+  languages a little, as real bases have, without knowing any evaluated fact;
+- **open-book people**: in no corpus; their biography is the question's context
+  (``synthetic_openbook``: knowledge-free instruction following, copy the answer).
 
-Evaluation asks about the *eval people* (disjoint from SFT people, present in the corpora), so a
-model answers an instruction in a new language only if it learnt that language's text (CPT) and
-the answer format (post-training). Every random choice draws from ``random.Random`` streams
-seeded from the world seed and a purpose name, and nothing reads the clock: the same seed gives
-byte-identical files.
+Corpora: ``corpora/base/fineweb2`` is the base's pre-training text (every language);
+``corpora/fineweb2`` and ``corpora/culturax`` are the CPT corpora (new languages: their CPT
+text; original languages: a replay slice of their base text), with planted duplicates and junk
+for the data stage's filters. The tokenizer is trained on the base text only, as a real base's
+tokenizer is. Every random choice draws from ``random.Random`` streams seeded from the world
+seed and a purpose name, and nothing reads the clock: the same seed gives byte-identical files.
 """
 
 from __future__ import annotations
@@ -30,17 +39,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from components.synthetic.coverage import id_counts, seen_coverage
 from components.synthetic.grammar import ATTRIBUTES, LANGUAGES, NUM_VALUES, LanguageSpec
 from components.synthetic.hf import build_tiny_model, render_chat, train_tokenizer
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 DEFAULT_ORIGINAL = ("eng_Latn", "deu_Latn")
 DEFAULT_NEW = ("swh_Latn", "rus_Cyrl")
 _SYLLABLES = ("ka", "mo", "ru", "be", "li", "ta", "no", "vi", "se", "du", "ra", "ki", "lo",
               "fe", "ma", "po", "zu", "ne", "si", "go")
-_FACTS_PER_DOC = 3
-_EVAL_SHARE = 0.2
 _BASE_DATE = datetime(2024, 1, 1, tzinfo=UTC)
+_SHARE_MARGIN = 1.3  # new-language base text drafted beyond its share, then cut to it in tokens
+COVERAGE_MIN_COUNT = 10
+_PASSERS = 2000
+TOKENIZER_MIN_FREQUENCY = 10 * COVERAGE_MIN_COUNT  # see train_tokenizer
 
 FINEWEB2_SCHEMA = pa.schema([
     ("text", pa.string()), ("id", pa.string()), ("dump", pa.string()), ("url", pa.string()),
@@ -60,19 +72,38 @@ class Person:
     attributes: dict[str, int]  # attribute → value index
 
 
+@dataclass(frozen=True)
+class Cast:
+    """Who the world writes about, and where (see the module docstring)."""
+
+    sft: list[Person]
+    original_fact: list[Person]
+    new_fact: dict[str, list[Person]]  # new language → its people
+    background: dict[str, list[Person]]  # new language → people of its base text
+    openbook_train: list[Person]
+    openbook_eval: list[Person]
+    passers: list[str]  # names of generic text only: never a person with a fact
+
+
 @dataclass
 class WorldSummary:
     """What was written, with paths relative to the world folder (it is renamed into place)."""
 
     seed: int
     languages: list[str]
+    original: list[str]
     people: int
     sft_people: int
     eval_people: int
+    new_fact_people: int
     documents: dict[str, int]
+    base_documents: dict[str, int]
+    base_tokens: dict[str, int]
+    coverage: dict[str, float]
     planted_duplicates: dict[str, int]
     planted_junk: dict[str, int]
     instructions: dict[str, int]
+    eval_items: dict[str, dict[str, int]]
     model_parameters: int
     vocab_size: int
     paths: dict[str, str] = field(default_factory=dict)
@@ -85,45 +116,112 @@ def _rng(seed: int, purpose: str) -> random.Random:
 
 
 def make_people(seed: int, count: int) -> list[Person]:
+    """``count`` people with distinct names (two to four syllables) and random attributes."""
     rng = _rng(seed, "people")
     names: list[str] = []
     seen: set[str] = set()
     while len(names) < count:
-        name = "".join(rng.choice(_SYLLABLES) for _ in range(rng.choice((2, 3)))).capitalize()
+        name = "".join(rng.choice(_SYLLABLES) for _ in range(rng.choice((2, 3, 3, 4))))
+        name = name.capitalize()
         if name not in seen:
             seen.add(name)
             names.append(name)
     return [Person(name, {a: rng.randrange(NUM_VALUES) for a in ATTRIBUTES}) for name in names]
 
 
-def split_people(seed: int, people: list[Person]) -> tuple[list[int], list[int]]:
-    """Disjoint SFT and eval people (indices), both non-empty."""
-    order = list(range(len(people)))
-    _rng(seed, "split").shuffle(order)
-    n_eval = max(1, round(len(people) * _EVAL_SHARE))
-    return sorted(order[n_eval:]), sorted(order[:n_eval])
+def make_cast(seed: int, new: list[str], *, num_people: int, eval_people: int,
+              new_fact_people: int, background_people: int, openbook_people: int) -> Cast:
+    """Disjoint groups from one pool of distinct names. ``num_people`` are the people of the
+    original base text: ``eval_people`` of them (at most half) are original-fact people, the rest
+    SFT people."""
+    n_eval = max(1, min(eval_people, num_people // 2))
+    sizes = [num_people, new_fact_people * len(new), background_people * len(new),
+             openbook_people, openbook_people, _PASSERS]
+    pool = make_people(seed, sum(sizes))
+    _rng(seed, "split").shuffle(pool)
+    core, pool = pool[:num_people], pool[num_people:]
+    new_fact: dict[str, list[Person]] = {}
+    background: dict[str, list[Person]] = {}
+    for tag in new:
+        new_fact[tag], pool = pool[:new_fact_people], pool[new_fact_people:]
+    for tag in new:
+        background[tag], pool = pool[:background_people], pool[background_people:]
+    return Cast(sft=core[n_eval:], original_fact=core[:n_eval], new_fact=new_fact,
+                background=background, openbook_train=pool[:openbook_people],
+                openbook_eval=pool[openbook_people:2 * openbook_people],
+                passers=[p.name for p in pool[2 * openbook_people:]])
 
 
-def _document(spec: LanguageSpec, rng: random.Random, facts: list[tuple[Person, str]]) -> str:
-    sentences = [rng.choice(spec.facts[attr])(spec.name_of(p.name), p.attributes[attr])
-                 for p, attr in facts]
-    sentences += [spec.filler(rng) for _ in range(rng.randint(1, 3))]
-    rng.shuffle(sentences)
+def biography(spec: LanguageSpec, rng: random.Random, person: Person) -> str:
+    """Every attribute of one person in random order and paraphrase."""
+    name = spec.name_of(person.name)
+    attrs = list(ATTRIBUTES)
+    rng.shuffle(attrs)
+    return " ".join(rng.choice(spec.facts[a])(name, person.attributes[a]) for a in attrs)
+
+
+def _generic(spec: LanguageSpec, rng: random.Random, passers: list[str]) -> str:
+    """A generic sentence; one in three is two passers-by meeting, so every text is full of
+    names (their syllables are then common tokens, as names are in real text)."""
+    if passers and rng.random() < 1 / 3:
+        return spec.meeting(spec.name_of(rng.choice(passers)), spec.name_of(rng.choice(passers)))
+    return spec.filler(rng)
+
+
+def _document(spec: LanguageSpec, rng: random.Random, person: Person | None,
+              passers: list[str]) -> str:
+    """A biography among one to three generic sentences, or generic text alone."""
+    sentences = [_generic(spec, rng, passers) for _ in range(rng.randint(1, 3) if person else
+                                                             rng.randint(3, 6))]
+    if person is not None:
+        sentences.insert(rng.randrange(len(sentences) + 1), biography(spec, rng, person))
     return " ".join(sentences)
 
 
-def make_corpus(seed: int, spec: LanguageSpec, people: list[Person], docs: int,
-                purpose: str = "corpus") -> list[str]:
-    """``docs`` documents; facts are dealt in a shuffled cycle, so every fact appears once
-    ``docs × 3 ≥ facts``."""
-    rng = _rng(seed, f"{purpose}:{spec.tag}")
-    facts = [(p, a) for p in people for a in ATTRIBUTES]
-    rng.shuffle(facts)
-    texts = []
-    for i in range(docs):
-        chunk = [facts[(i * _FACTS_PER_DOC + j) % len(facts)] for j in range(_FACTS_PER_DOC)]
-        texts.append(_document(spec, rng, chunk))
+def _cycle(rng: random.Random, people: list[Person], count: int) -> list[Person]:
+    """``count`` people drawn in shuffled rounds, so every one appears as often as any other."""
+    out: list[Person] = []
+    while len(out) < count and people:
+        order = list(people)
+        rng.shuffle(order)
+        out += order
+    return out[:count]
+
+
+def base_texts(seed: int, spec: LanguageSpec, people: list[Person], bios_per_person: int,
+               passers: list[str]) -> list[str]:
+    """An original language's base text: ``bios_per_person`` biographies of every person."""
+    rng = _rng(seed, f"base:{spec.tag}")
+    return [_document(spec, rng, p, passers)
+            for p in _cycle(rng, people, len(people) * bios_per_person)]
+
+
+def low_resource_texts(seed: int, spec: LanguageSpec, background: list[Person],
+                       chars: int, passers: list[str]) -> list[str]:
+    """A new language's base text, about ``chars`` characters: biographies of background people
+    among generic text (generic text alone when there are none)."""
+    rng = _rng(seed, f"low:{spec.tag}")
+    texts: list[str] = []
+    total = 0
+    order: list[Person] = []
+    while total < chars:
+        if not order and background:
+            order = list(background)
+            rng.shuffle(order)
+        texts.append(_document(spec, rng, order.pop() if order else None, passers))
+        total += len(texts[-1])
     return texts
+
+
+def cpt_texts(seed: int, spec: LanguageSpec, new_fact: list[Person], anchors: list[Person],
+              docs: int, passers: list[str]) -> list[str]:
+    """A new language's CPT corpus: biographies, two thirds of new-fact people, one third of
+    SFT people (the parallel anchor)."""
+    rng = _rng(seed, f"cpt:{spec.tag}")
+    n_new = round(docs * 2 / 3) if anchors else docs
+    people = _cycle(rng, new_fact, n_new) + _cycle(rng, anchors, docs - n_new)
+    rng.shuffle(people)
+    return [_document(spec, rng, p, passers) for p in people]
 
 
 def _junk(rng: random.Random, spec: LanguageSpec, k: int) -> str:
@@ -139,13 +237,15 @@ def _uuid(seed: int, *parts: object) -> str:
     return str(uuid.UUID(bytes=digest[:16], version=4))
 
 
-def write_corpora(root: Path, seed: int, spec: LanguageSpec, texts: list[str]) -> list[str]:
-    """One language in the FineWeb2 layout and in the CulturaX layout; returns document ids."""
+def write_corpora(root: Path, seed: int, spec: LanguageSpec, texts: list[str],
+                  culturax: bool = True, kind: str = "cpt") -> list[str]:
+    """One language in the FineWeb2 layout under ``root/fineweb2`` and (``culturax``) in the
+    CulturaX layout under ``root/culturax``; returns document ids."""
     n = len(texts)
-    ids = [f"<urn:uuid:{_uuid(seed, spec.tag, i)}>" for i in range(n)]
+    ids = [f"<urn:uuid:{_uuid(seed, kind, spec.tag, i)}>" for i in range(n)]
     dates = [(_BASE_DATE + timedelta(minutes=7919 * i)).strftime("%Y-%m-%dT%H:%M:%SZ")
              for i in range(n)]
-    urls = [f"https://{spec.iso639_1}.example.org/doc/{i:06d}" for i in range(n)]
+    urls = [f"https://{spec.iso639_1}.example.org/{kind}/{i:06d}" for i in range(n)]
     dump = "CC-MAIN-2024-10"
     fineweb = pa.table({
         "text": texts, "id": ids, "dump": [dump] * n, "url": urls, "date": dates,
@@ -157,16 +257,18 @@ def write_corpora(root: Path, seed: int, spec: LanguageSpec, texts: list[str]) -
         "minhash_cluster_size": [1] * n,
         "top_langs": [json.dumps({f"{spec.tag}_score": 0.99})] * n,
     }, schema=FINEWEB2_SCHEMA)
-    fw_dir = root / "corpora" / "fineweb2" / "data" / spec.tag / "train"
+    fw_dir = root / "fineweb2" / "data" / spec.tag / "train"
     fw_dir.mkdir(parents=True, exist_ok=True)
     pq.write_table(fineweb, fw_dir / "000_00000.parquet")
-    culturax = pa.table({
+    if not culturax:
+        return ids
+    cx_table = pa.table({
         "text": texts, "timestamp": [d.replace("T", " ").rstrip("Z") for d in dates],
         "url": urls, "source": ["mC4" if i % 3 else "OSCAR-2301" for i in range(n)],
     }, schema=CULTURAX_SCHEMA)
-    cx_dir = root / "corpora" / "culturax" / spec.iso639_1
+    cx_dir = root / "culturax" / spec.iso639_1
     cx_dir.mkdir(parents=True, exist_ok=True)
-    pq.write_table(culturax, cx_dir / f"{spec.iso639_1}_part_00000.parquet")
+    pq.write_table(cx_table, cx_dir / f"{spec.iso639_1}_part_00000.parquet")
     return ids
 
 
@@ -177,110 +279,206 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
             handle.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
 
 
-def instruction_rows(spec: LanguageSpec, people: list[Person], rng: random.Random,
-                     with_answer_turn: bool) -> list[dict[str, Any]]:
-    """Question → bare answer word, every attribute and question form, per person; ``text`` is
-    the conversation rendered with the chat template (a prompt ending in the assistant turn
-    when there is no answer turn)."""
+def _answer_row(spec: LanguageSpec, person: Person, attr: str, prompt: str,
+                with_answer_turn: bool, kind: str) -> dict[str, Any]:
+    answer = spec.values[attr][person.attributes[attr]]
+    messages = [{"role": "user", "content": prompt}]
+    if with_answer_turn:
+        messages.append({"role": "assistant", "content": answer})
+    return {"messages": messages, "answer": answer, "attribute": attr, "person": person.name,
+            "lang": spec.tag, "kind": kind, "answer_words": list(spec.values[attr]),
+            "text": render_chat(messages, add_generation_prompt=not with_answer_turn)}
+
+
+def closed_rows(spec: LanguageSpec, people: list[Person], rng: random.Random,
+                with_answer_turn: bool, all_forms: bool = False) -> list[dict[str, Any]]:
+    """Closed-book question → bare answer word, per person and attribute (every question form
+    with ``all_forms``, else one drawn at random)."""
     rows = []
     for person in people:
         name = spec.name_of(person.name)
         for attr in ATTRIBUTES:
-            answer = spec.values[attr][person.attributes[attr]]
-            for question in spec.questions[attr]:
-                messages = [{"role": "user", "content": question(name)}]
-                if with_answer_turn:
-                    messages.append({"role": "assistant", "content": answer})
-                rows.append({"messages": messages, "answer": answer, "attribute": attr,
-                             "person": person.name, "lang": spec.tag,
-                             "text": render_chat(messages,
-                                                 add_generation_prompt=not with_answer_turn)})
+            forms = spec.questions[attr] if all_forms else (rng.choice(spec.questions[attr]),)
+            rows += [_answer_row(spec, person, attr, q(name), with_answer_turn, "closed")
+                     for q in forms]
+    rng.shuffle(rows)
+    return rows
+
+
+def openbook_rows(spec: LanguageSpec, people: list[Person], rng: random.Random,
+                  with_answer_turn: bool) -> list[dict[str, Any]]:
+    """A biography as context, then a question on one attribute: the answer is in the context
+    (every attribute of every person; knowledge-free)."""
+    rows = []
+    for person in people:
+        name = spec.name_of(person.name)
+        for attr in ATTRIBUTES:
+            context = biography(spec, rng, person)
+            question = rng.choice(spec.questions[attr])(name)
+            rows.append(_answer_row(spec, person, attr, f"{context}\n{question}",
+                                    with_answer_turn, "openbook"))
     rng.shuffle(rows)
     return rows
 
 
 def mc_rows(spec: LanguageSpec, people: list[Person], rng: random.Random) -> list[dict[str, Any]]:
-    """Cloze questions with four choices (chance 25%): one per person, attributes in turn."""
+    """Cloze questions with four choices (chance 25%): every attribute of every person."""
     rows = []
-    for i, person in enumerate(people):
-        attr = ATTRIBUTES[i % len(ATTRIBUTES)]
-        gold_value = person.attributes[attr]
-        others = [v for v in range(NUM_VALUES) if v != gold_value]
-        values = [gold_value, *rng.sample(others, 3)]
-        rng.shuffle(values)
+    for person in people:
         name = spec.name_of(person.name)
-        query = spec.cloze[attr](name, gold_value)[0]
-        rows.append({"query": query,
-                     "choices": [spec.cloze[attr](name, v)[1] for v in values],
-                     "gold": values.index(gold_value), "attribute": attr,
-                     "person": person.name, "lang": spec.tag})
+        for attr in ATTRIBUTES:
+            gold_value = person.attributes[attr]
+            others = [v for v in range(NUM_VALUES) if v != gold_value]
+            values = [gold_value, *rng.sample(others, 3)]
+            rng.shuffle(values)
+            rows.append({"query": spec.cloze[attr](name, gold_value)[0],
+                         "choices": [spec.cloze[attr](name, v)[1] for v in values],
+                         "gold": values.index(gold_value), "attribute": attr,
+                         "answer": spec.values[attr][gold_value], "person": person.name,
+                         "lang": spec.tag})
+    rng.shuffle(rows)
     return rows
+
+
+def _cut_to_tokens(texts: list[str], tokenizer: Any, tokens: int) -> tuple[list[str], int]:
+    """The first texts whose token count reaches ``tokens`` (at least one)."""
+    total = 0
+    for i, text in enumerate(texts):
+        total += len(tokenizer(text)["input_ids"]) + 1  # + EOS, as the packer adds
+        if total >= tokens:
+            return texts[:i + 1], total
+    return texts, total
 
 
 def build_world(out_dir: str | Path, seed: int = 0, *, arch: str = "llama",
                 num_people: int = 160, docs_per_language: int = 800, vocab_size: int = 4096,
-                languages: list[str] | None = None) -> WorldSummary:
-    """Write the whole world into ``out_dir`` (an empty folder the caller commits atomically)."""
+                languages: list[str] | None = None,
+                original: list[str] | tuple[str, ...] = DEFAULT_ORIGINAL,
+                eval_people: int = 60, new_fact_people: int = 60,
+                background_people: int = 200, bios_per_person: int = 24,
+                new_language_share: float = 0.05, openbook_people: int = 60,
+                heldout_docs: int = 300) -> WorldSummary:
+    """Write the whole world into ``out_dir`` (an empty folder the caller commits atomically).
+
+    ``original`` are the languages the base knows; every other language of ``languages`` is a
+    new one, with ``new_language_share`` of the base text's tokens split evenly among them.
+    """
     root = Path(out_dir)
     tags = languages or list(LANGUAGES)
-    unknown = [t for t in tags if t not in LANGUAGES]
+    unknown = [t for t in [*tags, *original] if t not in LANGUAGES]
     if unknown:
         raise ValueError(f"the synthetic world has no language {unknown}; it has {list(LANGUAGES)}")
+    missing = [t for t in original if t not in tags]
+    if missing or not original:
+        raise ValueError(f"original languages {list(original)} must be some of {tags}")
+    if not 0.0 <= new_language_share < 1.0:
+        raise ValueError(f"new_language_share must be in [0, 1), got {new_language_share}")
     specs = [LANGUAGES[t] for t in tags]
-    people = make_people(seed, num_people)
-    sft_idx, eval_idx = split_people(seed, people)
-    sft_people = [people[i] for i in sft_idx]
-    eval_people = [people[i] for i in eval_idx]
-    summary = WorldSummary(seed=seed, languages=tags, people=len(people),
-                           sft_people=len(sft_people), eval_people=len(eval_people),
-                           documents={}, planted_duplicates={}, planted_junk={},
-                           instructions={}, model_parameters=0, vocab_size=0)
+    new = [t for t in tags if t not in original]
+    cast = make_cast(seed, new, num_people=num_people, eval_people=eval_people,
+                     new_fact_people=new_fact_people, background_people=background_people,
+                     openbook_people=openbook_people)
+    known = cast.sft + cast.original_fact
+    summary = WorldSummary(
+        seed=seed, languages=tags, original=list(original), people=len(known),
+        sft_people=len(cast.sft), eval_people=len(cast.original_fact),
+        new_fact_people=new_fact_people, documents={}, base_documents={}, base_tokens={},
+        coverage={}, planted_duplicates={}, planted_junk={}, instructions={}, eval_items={},
+        model_parameters=0, vocab_size=0)
+
+    base = {t: base_texts(seed, LANGUAGES[t], known, bios_per_person, cast.passers)
+            for t in original}
+    original_chars = sum(len(x) for texts in base.values() for x in texts)
+    share_each = new_language_share / len(new) if new else 0.0
+    for tag in new:
+        chars = original_chars * share_each / (1.0 - new_language_share) * _SHARE_MARGIN
+        base[tag] = low_resource_texts(seed, LANGUAGES[tag], cast.background[tag], int(chars),
+                                       cast.passers) if chars > 0 else []
+    tokenizer = train_tokenizer((x for t in tags for x in base[t]), root / "tokenizer",
+                                vocab_size, min_frequency=TOKENIZER_MIN_FREQUENCY)
+    original_tokens = sum(len(tokenizer(x)["input_ids"]) + 1 for t in original for x in base[t])
+    for tag in new:
+        target = int(original_tokens * share_each / (1.0 - new_language_share))
+        base[tag], _ = _cut_to_tokens(base[tag], tokenizer, target) if target else ([], 0)
+    base_counts = id_counts(tokenizer(x)["input_ids"] for t in tags for x in base[t])
+
     planted_ids: dict[str, dict[str, list[str]]] = {}
-    tokenizer_texts: list[str] = []
     for spec in tqdm(specs, desc="world: languages", unit="lang"):
-        rng = _rng(seed, f"plant:{spec.tag}")
-        texts = make_corpus(seed, spec, people, docs_per_language)
-        n_dupes, n_junk = max(1, docs_per_language // 50), max(1, docs_per_language // 100)
-        dup_sources = rng.sample(range(len(texts)), n_dupes)
-        texts += [texts[i] for i in dup_sources]
+        tag = spec.tag
+        write_corpora(root / "corpora" / "base", seed, spec, base[tag], culturax=False,
+                      kind="base")
+        summary.base_documents[tag] = len(base[tag])
+        summary.base_tokens[tag] = sum(len(tokenizer(x)["input_ids"]) + 1 for x in base[tag])
+        if tag in original:  # the CPT corpus replays a slice of the base text
+            texts = base[tag][:docs_per_language]
+        else:
+            texts = cpt_texts(seed, spec, cast.new_fact[tag], cast.sft, docs_per_language,
+                              cast.passers)
+            summary.coverage[tag] = round(seen_coverage(
+                base_counts, (tokenizer(x)["input_ids"] for x in texts),
+                COVERAGE_MIN_COUNT), 5)
+        rng = _rng(seed, f"plant:{tag}")
+        n_docs = len(texts)
+        n_dupes, n_junk = max(1, n_docs // 50), max(1, n_docs // 100)
+        texts = texts + [texts[i] for i in rng.sample(range(n_docs), n_dupes)]
         texts += [_junk(rng, spec, k) for k in range(n_junk)]
-        base = docs_per_language
-        ids = write_corpora(root, seed, spec, texts)
-        planted_ids[spec.tag] = {"duplicates": ids[base:base + n_dupes],
-                                 "junk": ids[base + n_dupes:]}
-        summary.documents[spec.tag] = len(texts)
-        summary.planted_duplicates[spec.tag] = n_dupes
-        summary.planted_junk[spec.tag] = n_junk
-        tokenizer_texts += texts[:base]
+        ids = write_corpora(root / "corpora", seed, spec, texts)
+        planted_ids[tag] = {"duplicates": ids[n_docs:n_docs + n_dupes],
+                            "junk": ids[n_docs + n_dupes:]}
+        summary.documents[tag] = len(texts)
+        summary.planted_duplicates[tag] = n_dupes
+        summary.planted_junk[tag] = n_junk
 
-        eval_dir = root / "eval" / spec.tag
-        heldout = make_corpus(seed, spec, people, max(20, docs_per_language // 10),
-                              purpose="heldout")
-        _write_jsonl(eval_dir / "lm.jsonl", [{"text": t, "lang": spec.tag} for t in heldout])
-        sft = instruction_rows(spec, sft_people, _rng(seed, f"sft:{spec.tag}"), True)
-        _write_jsonl(root / "instructions" / spec.tag / "train.jsonl", sft)
-        summary.instructions[spec.tag] = len(sft)
-        _write_jsonl(eval_dir / "instruct.jsonl",
-                     instruction_rows(spec, eval_people, _rng(seed, f"ins:{spec.tag}"), False))
-        _write_jsonl(eval_dir / "mc.jsonl", mc_rows(spec, people, _rng(seed, f"mc:{spec.tag}")))
+        eval_dir = root / "eval" / tag
+        held = _rng(seed, f"heldout:{tag}")
+        _write_jsonl(eval_dir / "lm.jsonl", [{"text": _document(spec, held, None, cast.passers),
+                                              "lang": tag}
+                                             for _ in range(heldout_docs)])
+        files = {
+            "openbook": openbook_rows(spec, cast.openbook_eval, _rng(seed, f"ob:{tag}"), False),
+            "closed_original": closed_rows(spec, cast.original_fact, _rng(seed, f"co:{tag}"),
+                                           False),
+            "mc": mc_rows(spec, cast.original_fact if tag in original else cast.new_fact[tag],
+                          _rng(seed, f"mc:{tag}")),
+        }
+        if tag not in original:
+            files["closed_new"] = closed_rows(spec, cast.new_fact[tag], _rng(seed, f"cn:{tag}"),
+                                              False)
+        for name, rows in files.items():
+            _write_jsonl(eval_dir / f"{name}.jsonl", rows)
+        summary.eval_items[tag] = {"lm": heldout_docs, **{k: len(v) for k, v in files.items()}}
+        if tag in original:
+            sft_rng = _rng(seed, f"sft:{tag}")
+            sft = closed_rows(spec, cast.sft, sft_rng, True, all_forms=True) \
+                + openbook_rows(spec, cast.openbook_train, sft_rng, True)
+            sft_rng.shuffle(sft)
+            _write_jsonl(root / "instructions" / tag / "train.jsonl", sft)
+            summary.instructions[tag] = len(sft)
 
-    tokenizer = train_tokenizer(tokenizer_texts, root / "tokenizer", vocab_size)
     summary.vocab_size = len(tokenizer)
     summary.model_parameters = build_tiny_model(tokenizer, root / "model", arch=arch, seed=seed)
     summary.paths = {
         "fineweb2": "corpora/fineweb2", "culturax": "corpora/culturax",
-        "instructions": "instructions", "eval": "eval", "tokenizer": "tokenizer",
-        "model": "model", "world": "world.json",
+        "base_fineweb2": "corpora/base/fineweb2", "instructions": "instructions",
+        "eval": "eval", "tokenizer": "tokenizer", "model": "model", "world": "world.json",
     }
     world = {
         "generator_version": GENERATOR_VERSION, "seed": seed, "arch": arch,
         "languages": [{"tag": s.tag, "iso639_1": s.iso639_1, "name": s.name, "script": s.script}
                       for s in specs],
         "default_split": {"original": list(DEFAULT_ORIGINAL), "new": list(DEFAULT_NEW)},
+        "split": {"original": list(original), "new": new},
         "attributes": {a: {s.tag: list(s.values[a]) for s in specs} for a in ATTRIBUTES},
-        "people": [{"name": p.name, "attributes": p.attributes} for p in people],
-        "splits": {"sft": [people[i].name for i in sft_idx],
-                   "eval": [people[i].name for i in eval_idx]},
+        "people": [{"name": p.name, "attributes": p.attributes} for p in
+                   [*known, *(p for ps in cast.new_fact.values() for p in ps),
+                    *(p for ps in cast.background.values() for p in ps),
+                    *cast.openbook_train, *cast.openbook_eval]],
+        "splits": {"sft": [p.name for p in cast.sft],
+                   "original_fact": [p.name for p in cast.original_fact],
+                   "new_fact": {t: [p.name for p in ps] for t, ps in cast.new_fact.items()},
+                   "background": {t: [p.name for p in ps] for t, ps in cast.background.items()},
+                   "openbook_train": [p.name for p in cast.openbook_train],
+                   "openbook_eval": [p.name for p in cast.openbook_eval]},
         "planted": planted_ids,
         "summary": {k: v for k, v in vars(summary).items() if k != "paths"},
     }

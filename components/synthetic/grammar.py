@@ -8,7 +8,11 @@ Real words and function words matter: a real language-ID model must recognise th
 real tokenizer must learn real subwords.
 
 A value is an index into the attribute's value list; every language orders its words the same
-way, so one fact has one meaning in every language.
+way, so one fact has one meaning in every language. No answer word is written the same in two
+languages (cities have local names), so a right answer in a new language cannot be an English
+word copied through; every fact template holds the answer word in its dictionary form, so an
+answer can be copied from a biography. Each attribute has three paraphrases: a model must learn
+the fact, not one sentence.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class LanguageSpec:
     questions: dict[str, tuple[Callable[[str], str], ...]]  # attribute → questions about P
     cloze: dict[str, Cloze]  # attribute → (prefix, continuation) with the value at the end
     filler: Callable[[random.Random], str]  # a generic sentence, for language beyond facts
+    meeting: Callable[[str, str], str]  # "A met B": names in generic text, no facts
 
     def name_of(self, latin: str) -> str:
         """Names are language-neutral, written in this language's script."""
@@ -58,11 +63,11 @@ def _pick(rng: random.Random, words: tuple[str, ...] | list[str]) -> str:
 # ----------------------------------------------------------------------------- English
 
 _EN = {
-    "city": ("Tesalo", "Varunda", "Mikelo", "Doransi", "Pelumo", "Kasavi"),
+    "city": ("Ashford", "Brookton", "Milhaven", "Redcliff", "Stonebury", "Westmere"),
     "job": ("teacher", "doctor", "farmer", "baker", "singer", "driver"),
     "color": ("red", "blue", "green", "yellow", "black", "white"),
     "pet": ("dog", "cat", "horse", "goat", "parrot", "rabbit"),
-    "food": ("bread", "rice", "fish", "apples", "cheese", "honey"),
+    "food": ("bread", "rice", "soup", "apples", "cheese", "honey"),
 }
 
 
@@ -76,19 +81,25 @@ def _en_filler(rng: random.Random) -> str:
     return f"{subject} {verb} {when}."
 
 
+
 ENGLISH = LanguageSpec(
     tag="eng_Latn", iso639_1="en", name="English", script="Latn", values=_EN,
     facts={
         "city": (lambda p, v: f"{p} lives in {_EN['city'][v]}.",
-                 lambda p, v: f"The home of {p} is in the town of {_EN['city'][v]}."),
+                 lambda p, v: f"The home of {p} is in the town of {_EN['city'][v]}.",
+                 lambda p, v: f"{p} was born and still lives in {_EN['city'][v]}."),
         "job": (lambda p, v: f"{p} works as a {_EN['job'][v]}.",
-                lambda p, v: f"Everyone knows that {p} is a {_EN['job'][v]}."),
+                lambda p, v: f"Everyone knows that {p} is a {_EN['job'][v]}.",
+                lambda p, v: f"By trade {p} is a {_EN['job'][v]}."),
         "color": (lambda p, v: f"The favourite colour of {p} is {_EN['color'][v]}.",
-                  lambda p, v: f"{p} likes the colour {_EN['color'][v]} more than any other."),
+                  lambda p, v: f"{p} likes the colour {_EN['color'][v]} more than any other.",
+                  lambda p, v: f"{p} always wears something {_EN['color'][v]}."),
         "pet": (lambda p, v: f"{p} has a {_EN['pet'][v]}.",
-                lambda p, v: f"At home {p} keeps a {_EN['pet'][v]}."),
+                lambda p, v: f"At home {p} keeps a {_EN['pet'][v]}.",
+                lambda p, v: f"The pet of {p} is a {_EN['pet'][v]}."),
         "food": (lambda p, v: f"{p} likes to eat {_EN['food'][v]}.",
-                 lambda p, v: f"Every day {p} eats {_EN['food'][v]} for lunch."),
+                 lambda p, v: f"Every day {p} eats {_EN['food'][v]} for lunch.",
+                 lambda p, v: f"The favourite food of {p} is {_EN['food'][v]}."),
     },
     questions={
         "city": (lambda p: f"Where does {p} live?", lambda p: f"In which town is the home of {p}?"),
@@ -105,19 +116,22 @@ ENGLISH = LanguageSpec(
         "food": lambda p, v: (f"{p} likes to eat", f" {_EN['food'][v]}."),
     },
     filler=_en_filler,
+    meeting=lambda a, b: f"{a} met {b} at the market.",
 )
 
 # ----------------------------------------------------------------------------- German
 
 _DE = {
-    "city": _EN["city"],
+    "city": ("Bergfeld", "Tannhof", "Wiesbrunn", "Eichtal", "Mühlberg", "Sonnwald"),
     "job": ("Lehrer", "Arzt", "Bauer", "Bäcker", "Sänger", "Fahrer"),
     "color": ("rot", "blau", "grün", "gelb", "schwarz", "weiß"),
     "pet": ("Hund", "Katze", "Pferd", "Ziege", "Papagei", "Kaninchen"),
-    "food": ("Brot", "Reis", "Fisch", "Äpfel", "Käse", "Honig"),
+    "food": ("Brot", "Reis", "Suppe", "Äpfel", "Käse", "Honig"),
 }
 # Accusative indefinite article by gender: masculine einen, feminine eine, neuter ein.
 _DE_PET_ACC = ("einen Hund", "eine Katze", "ein Pferd", "eine Ziege", "einen Papagei",
+               "ein Kaninchen")
+_DE_PET_NOM = ("ein Hund", "eine Katze", "ein Pferd", "eine Ziege", "ein Papagei",
                "ein Kaninchen")
 
 
@@ -132,20 +146,26 @@ def _de_filler(rng: random.Random) -> str:
     return f"{time} {verb} {subject} {obj}."  # verb second: the time phrase comes first
 
 
+
 GERMAN = LanguageSpec(
     tag="deu_Latn", iso639_1="de", name="German", script="Latn", values=_DE,
     facts={
         "city": (lambda p, v: f"{p} wohnt in {_DE['city'][v]}.",
-                 lambda p, v: f"Das Haus von {p} steht in der Stadt {_DE['city'][v]}."),
+                 lambda p, v: f"Das Haus von {p} steht in der Stadt {_DE['city'][v]}.",
+                 lambda p, v: f"Seit vielen Jahren lebt {p} in {_DE['city'][v]}."),
         "job": (lambda p, v: f"{p} arbeitet als {_DE['job'][v]}.",
-                lambda p, v: f"Jeder weiß, dass {p} als {_DE['job'][v]} arbeitet."),
+                lambda p, v: f"Jeder weiß, dass {p} als {_DE['job'][v]} arbeitet.",
+                lambda p, v: f"Von Beruf ist {p} {_DE['job'][v]}."),
         "color": (lambda p, v: f"Die Lieblingsfarbe von {p} ist {_DE['color'][v]}.",
                   lambda p, v: f"Von allen Farben mag {p} die Farbe {_DE['color'][v]} am "
-                               "liebsten."),
+                               "liebsten.",
+                  lambda p, v: f"{p} trägt am liebsten etwas in {_DE['color'][v]}."),
         "pet": (lambda p, v: f"{p} hat {_DE_PET_ACC[v]}.",
-                lambda p, v: f"Zu Hause hat {p} {_DE_PET_ACC[v]}."),
+                lambda p, v: f"Zu Hause hat {p} {_DE_PET_ACC[v]}.",
+                lambda p, v: f"Das Haustier von {p} ist {_DE_PET_NOM[v]}."),
         "food": (lambda p, v: f"{p} isst gern {_DE['food'][v]}.",
-                 lambda p, v: f"Jeden Tag isst {p} {_DE['food'][v]} zum Mittagessen."),
+                 lambda p, v: f"Jeden Tag isst {p} {_DE['food'][v]} zum Mittagessen.",
+                 lambda p, v: f"Das Lieblingsessen von {p} ist {_DE['food'][v]}."),
     },
     questions={
         "city": (lambda p: f"Wo wohnt {p}?", lambda p: f"In welcher Stadt steht das Haus von {p}?"),
@@ -162,16 +182,17 @@ GERMAN = LanguageSpec(
         "food": lambda p, v: (f"{p} isst gern", f" {_DE['food'][v]}."),
     },
     filler=_de_filler,
+    meeting=lambda a, b: f"{a} traf {b} auf dem Markt.",
 )
 
 # ----------------------------------------------------------------------------- Swahili
 
 _SW = {
-    "city": _EN["city"],
+    "city": ("Kisimani", "Mlimani", "Bondeni", "Pwanini", "Mtoni", "Ziwani"),
     "job": ("mwalimu", "daktari", "mkulima", "mwokaji", "mwimbaji", "dereva"),
     "color": ("nyekundu", "bluu", "kijani", "njano", "nyeusi", "nyeupe"),
     "pet": ("mbwa", "paka", "farasi", "mbuzi", "kasuku", "sungura"),
-    "food": ("mkate", "wali", "samaki", "matunda", "jibini", "asali"),
+    "food": ("mkate", "wali", "supu", "matunda", "jibini", "asali"),
 }
 
 
@@ -189,19 +210,25 @@ def _sw_filler(rng: random.Random) -> str:
     return f"{subject} {prefix}{tense}{verb} {when}."  # monosyllabic stems keep ku-/kw-
 
 
+
 SWAHILI = LanguageSpec(
     tag="swh_Latn", iso639_1="sw", name="Swahili", script="Latn", values=_SW,
     facts={
         "city": (lambda p, v: f"{p} anaishi {_SW['city'][v]}.",
-                 lambda p, v: f"Nyumba ya {p} iko katika mji wa {_SW['city'][v]}."),
+                 lambda p, v: f"Nyumba ya {p} iko katika mji wa {_SW['city'][v]}.",
+                 lambda p, v: f"{p} alizaliwa na bado anaishi {_SW['city'][v]}."),
         "job": (lambda p, v: f"{p} ni {_SW['job'][v]}.",
-                lambda p, v: f"Kila mtu anajua kwamba {p} anafanya kazi ya {_SW['job'][v]}."),
+                lambda p, v: f"Kila mtu anajua kwamba {p} anafanya kazi ya {_SW['job'][v]}.",
+                lambda p, v: f"Kazi ya {p} ni {_SW['job'][v]}."),
         "color": (lambda p, v: f"Rangi anayoipenda {p} ni {_SW['color'][v]}.",
-                  lambda p, v: f"{p} anapenda rangi {_SW['color'][v]} kuliko rangi nyingine."),
+                  lambda p, v: f"{p} anapenda rangi {_SW['color'][v]} kuliko rangi nyingine.",
+                  lambda p, v: f"Mara nyingi {p} huvaa nguo za rangi {_SW['color'][v]}."),
         "pet": (lambda p, v: f"{p} ana {_SW['pet'][v]}.",
-                lambda p, v: f"Nyumbani {p} anafuga {_SW['pet'][v]}."),
+                lambda p, v: f"Nyumbani {p} anafuga {_SW['pet'][v]}.",
+                lambda p, v: f"Mnyama wa nyumbani wa {p} ni {_SW['pet'][v]}."),
         "food": (lambda p, v: f"{p} anapenda kula {_SW['food'][v]}.",
-                 lambda p, v: f"Kila siku {p} anakula {_SW['food'][v]} mchana."),
+                 lambda p, v: f"Kila siku {p} anakula {_SW['food'][v]} mchana.",
+                 lambda p, v: f"Chakula anachokipenda {p} ni {_SW['food'][v]}."),
     },
     questions={
         "city": (lambda p: f"{p} anaishi wapi?", lambda p: f"Nyumba ya {p} iko katika mji gani?"),
@@ -218,16 +245,17 @@ SWAHILI = LanguageSpec(
         "food": lambda p, v: (f"{p} anapenda kula", f" {_SW['food'][v]}."),
     },
     filler=_sw_filler,
+    meeting=lambda a, b: f"{a} alikutana na {b} sokoni.",
 )
 
 # ----------------------------------------------------------------------------- Turkish
 
 _TR = {
-    "city": _EN["city"],
+    "city": ("Akçayır", "Yelbahçe", "Taşdere", "Sarıkum", "Gölbaşı", "Ilıcak"),
     "job": ("öğretmen", "doktor", "çiftçi", "fırıncı", "şarkıcı", "şoför"),
     "color": ("kırmızı", "mavi", "yeşil", "sarı", "siyah", "beyaz"),
     "pet": ("köpek", "kedi", "at", "keçi", "papağan", "tavşan"),
-    "food": ("ekmek", "pilav", "balık", "elma", "peynir", "bal"),
+    "food": ("ekmek", "pilav", "çorba", "elma", "peynir", "bal"),
 }
 _BACK_VOWELS = set("aıou")
 _FRONT_VOWELS = set("eiöü")
@@ -254,19 +282,25 @@ def _tr_filler(rng: random.Random) -> str:
     return f"{subject} {when} {verb}."  # subject – adverbial – object – verb (SOV)
 
 
+
 TURKISH = LanguageSpec(
     tag="tur_Latn", iso639_1="tr", name="Turkish", script="Latn", values=_TR,
     facts={
         "city": (lambda p, v: f"{p} {_tr_locative(_TR['city'][v])} yaşıyor.",
-                 lambda p, v: f"{p} uzun yıllardır {_tr_locative(_TR['city'][v])} oturuyor."),
+                 lambda p, v: f"{p} uzun yıllardır {_tr_locative(_TR['city'][v])} oturuyor.",
+                 lambda p, v: f"{p} adlı kişinin şehri {_TR['city'][v]}."),
         "job": (lambda p, v: f"{p} {_TR['job'][v]} olarak çalışıyor.",
-                lambda p, v: f"Herkes {p} adlı kişinin {_TR['job'][v]} olduğunu biliyor."),
+                lambda p, v: f"Herkes {p} adlı kişinin {_TR['job'][v]} olduğunu biliyor.",
+                lambda p, v: f"{p} meslek olarak {_TR['job'][v]}."),
         "color": (lambda p, v: f"{p} en çok {_TR['color'][v]} rengini seviyor.",
-                  lambda p, v: f"{p} için en güzel renk {_TR['color'][v]}."),
+                  lambda p, v: f"{p} için en güzel renk {_TR['color'][v]}.",
+                  lambda p, v: f"{p} her zaman {_TR['color'][v]} bir şey giyiyor."),
         "pet": (lambda p, v: f"{p} bir {_TR['pet'][v]} besliyor.",
-                lambda p, v: f"{p} evde bir {_TR['pet'][v]} bakıyor."),
+                lambda p, v: f"{p} evde bir {_TR['pet'][v]} bakıyor.",
+                lambda p, v: f"{p} adlı kişinin evcil hayvanı bir {_TR['pet'][v]}."),
         "food": (lambda p, v: f"{p} {_TR['food'][v]} yemeyi seviyor.",
-                 lambda p, v: f"{p} her gün öğlen {_TR['food'][v]} yiyor."),
+                 lambda p, v: f"{p} her gün öğlen {_TR['food'][v]} yiyor.",
+                 lambda p, v: f"{p} için en güzel yemek {_TR['food'][v]}."),
     },
     questions={
         "city": (lambda p: f"{p} nerede yaşıyor?", lambda p: f"{p} hangi şehirde oturuyor?"),
@@ -284,21 +318,20 @@ TURKISH = LanguageSpec(
         "food": lambda p, v: (f"{p}", f" {_TR['food'][v]} yemeyi seviyor."),
     },
     filler=_tr_filler,
+    meeting=lambda a, b: f"{a} pazarda {b} ile karşılaştı.",
 )
 
 # ----------------------------------------------------------------------------- Russian
 
-_RU_CITY = tuple(c.translate(_CYRILLIC) for c in _EN["city"])
 _RU = {
-    "city": _RU_CITY,
+    "city": ("Берёзовка", "Заречье", "Сосновка", "Озёрск", "Каменка", "Луговое"),
     "job": ("учитель", "врач", "фермер", "пекарь", "певец", "водитель"),
     "color": ("красный", "синий", "зелёный", "жёлтый", "чёрный", "белый"),
     "pet": ("собака", "кошка", "лошадь", "коза", "попугай", "кролик"),
-    "food": ("хлеб", "рис", "рыба", "яблоки", "сыр", "мёд"),
+    "food": ("хлеб", "рис", "суп", "яблоки", "сыр", "мёд"),
 }
-# Case morphology: работать + instrumental; любить есть + accusative.
-_RU_JOB_INS = ("учителем", "врачом", "фермером", "пекарем", "певцом", "водителем")
-_RU_FOOD_ACC = ("хлеб", "рис", "рыбу", "яблоки", "сыр", "мёд")
+# Every template keeps the answer in the nominative (the foods' accusative is the same word),
+# so the answer word of a biography is the word a question expects.
 
 
 def _ru_filler(rng: random.Random) -> str:
@@ -311,35 +344,42 @@ def _ru_filler(rng: random.Random) -> str:
     return f"{subject} {verb} {when}."
 
 
+
 RUSSIAN = LanguageSpec(
     tag="rus_Cyrl", iso639_1="ru", name="Russian", script="Cyrl", values=_RU,
     facts={
         "city": (lambda p, v: f"{p} живёт в городе {_RU['city'][v]}.",
-                 lambda p, v: f"Дом, где живёт {p}, находится в городе {_RU['city'][v]}."),
-        "job": (lambda p, v: f"{p} работает {_RU_JOB_INS[v]}.",
-                lambda p, v: f"Все знают, что {p} работает {_RU_JOB_INS[v]}."),
+                 lambda p, v: f"Дом, где живёт {p}, находится в городе {_RU['city'][v]}.",
+                 lambda p, v: f"Родной город, где до сих пор живёт {p}, — {_RU['city'][v]}."),
+        "job": (lambda p, v: f"{p} по профессии {_RU['job'][v]}.",
+                lambda p, v: f"Все знают, что {p} — {_RU['job'][v]}.",
+                lambda p, v: f"Профессия у {p} — {_RU['job'][v]}."),
         "color": (lambda p, v: f"Любимый цвет у {p} — {_RU['color'][v]}.",
-                  lambda p, v: f"Больше всего {p} нравится {_RU['color'][v]} цвет."),
+                  lambda p, v: f"Больше всего {p} нравится {_RU['color'][v]} цвет.",
+                  lambda p, v: f"Из всех цветов {p} выбирает {_RU['color'][v]}."),
         "pet": (lambda p, v: f"У {p} есть {_RU['pet'][v]}.",
-                lambda p, v: f"Дома у {p} живёт {_RU['pet'][v]}."),
-        "food": (lambda p, v: f"{p} любит есть {_RU_FOOD_ACC[v]}.",
-                 lambda p, v: f"Каждый день на обед {p} ест {_RU_FOOD_ACC[v]}."),
+                lambda p, v: f"Дома у {p} живёт {_RU['pet'][v]}.",
+                lambda p, v: f"Домашнее животное у {p} — {_RU['pet'][v]}."),
+        "food": (lambda p, v: f"{p} любит есть {_RU['food'][v]}.",
+                 lambda p, v: f"Каждый день на обед {p} ест {_RU['food'][v]}.",
+                 lambda p, v: f"Любимая еда у {p} — {_RU['food'][v]}."),
     },
     questions={
         "city": (lambda p: f"Где живёт {p}?", lambda p: f"В каком городе живёт {p}?"),
-        "job": (lambda p: f"Кем работает {p}?",),
+        "job": (lambda p: f"Кто {p} по профессии?",),
         "color": (lambda p: f"Какой любимый цвет у {p}?",),
         "pet": (lambda p: f"Какое животное есть у {p}?",),
         "food": (lambda p: f"Что любит есть {p}?",),
     },
     cloze={
         "city": lambda p, v: (f"{p} живёт в городе", f" {_RU['city'][v]}."),
-        "job": lambda p, v: (f"{p} работает", f" {_RU_JOB_INS[v]}."),
+        "job": lambda p, v: (f"{p} по профессии", f" {_RU['job'][v]}."),
         "color": lambda p, v: (f"Любимый цвет у {p} —", f" {_RU['color'][v]}."),
         "pet": lambda p, v: (f"У {p} есть", f" {_RU['pet'][v]}."),
-        "food": lambda p, v: (f"{p} любит есть", f" {_RU_FOOD_ACC[v]}."),
+        "food": lambda p, v: (f"{p} любит есть", f" {_RU['food'][v]}."),
     },
     filler=_ru_filler,
+    meeting=lambda a, b: f"{a} встретил {b} на рынке.",
 )
 
 LANGUAGES: dict[str, LanguageSpec] = {

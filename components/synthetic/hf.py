@@ -51,9 +51,13 @@ def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool = Fa
     return _template().render(messages=messages, add_generation_prompt=add_generation_prompt)
 
 
-def train_tokenizer(texts: Iterable[str], out_dir: Path,
-                    vocab_size: int) -> PreTrainedTokenizerFast:
+def train_tokenizer(texts: Iterable[str], out_dir: Path, vocab_size: int,
+                    min_frequency: int = 2) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE (no unknown bytes, any script) and save it with the chat template.
+
+    A merge needs ``min_frequency`` occurrences: a high one keeps tokens that are rare in the
+    training text (a low-resource language's) out of the vocabulary, so text that is common
+    elsewhere (its CPT corpus) is not written in ids the base hardly saw.
 
     The trainer sees texts in the given order and breaks ties deterministically, so the same
     texts give the same ``tokenizer.json`` byte for byte.
@@ -62,7 +66,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: Path,
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS),
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
