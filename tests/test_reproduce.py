@@ -8,7 +8,7 @@ import pytest
 
 from components.config import load_config
 from workflows.cli import REPRODUCE_CONFIG
-from workflows.reproduce import aggregate, headline, language_averages, markdown_table, seed_config
+from workflows.reproduce import aggregate, language_averages, markdown_table, seed_config
 
 ORIG, NEW = ["eng_Latn", "deu_Latn"], ["swh_Latn", "rus_Cyrl"]
 
@@ -49,8 +49,6 @@ def test_aggregate_mean_and_sample_std_over_seeds() -> None:
     assert cell.n == 2 and cell.mean == pytest.approx(0.6)
     assert cell.std == pytest.approx(math.sqrt(((0.5 - 0.6) ** 2 + (0.7 - 0.6) ** 2) / 1))
     assert cell.text() == "0.600 ± 0.141"
-    name, ratio = headline(agg)
-    assert "exact_match" in name and ratio == pytest.approx(0.6 / 0.3)
 
     table = markdown_table(agg).splitlines()
     assert table[0].startswith("| variant | synthetic_instruct exact_match ↑ (original)")
@@ -65,7 +63,6 @@ def test_missing_cells_are_marked_not_invented() -> None:
     table = markdown_table(agg)
     base_line = next(line for line in table.splitlines() if line.startswith("| base"))
     assert base_line.split("|")[2:4] == [" 0.100 ", " — "]
-    assert math.isnan(headline(agg)[1])
 
 
 def test_seed_replicates_differ_only_where_they_must() -> None:
@@ -78,4 +75,4 @@ def test_seed_replicates_differ_only_where_they_must() -> None:
     assert same == {k: v for k, v in one.model_dump().items() if k in same}
     # every variant of the comparison is asked for in the committed config
     assert set(cfg.baselines.variants) == {"cpt_dense", "param_delta", "ties", "dare",
-                                           "flops_matched", "param_matched", "layermoe"}
+                                           "flops_matched", "moe_unfrozen", "layermoe"}

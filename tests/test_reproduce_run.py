@@ -15,7 +15,7 @@ from workflows.cli import REPRODUCE_CONFIG
 from workflows.reproduce import run_reproduce
 
 VARIANTS = {"base", "post", "cpt_dense", "param_delta", "ties", "dare", "flops_matched",
-            "cpt_moe", "deltamoe", "param_matched", "layermoe"}
+            "cpt_moe", "deltamoe", "moe_unfrozen", "layermoe"}
 REDUCED = {
     "world.num_people": 16, "world.docs_per_language": 40, "world.vocab_size": 600,
     "world.base_steps": 20, "world.post_steps": 10, "data.seq_len": 64,

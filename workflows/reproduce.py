@@ -25,9 +25,24 @@ from typing import Any
 import yaml
 
 from components.config import RunConfig
+from components.evaluate.gates import ComparisonPlan, GateResult
 from components.storage import RunDir, fingerprint
 from components.tracking import ExpansionTracker, resolve_tracking_uri
 from components.variants import VARIANTS
+from workflows.comparison import (
+    PairedRow,
+    SeedItems,
+    collect_items,
+    gate_rows,
+    gates_table,
+    headline_row,
+    headline_text,
+    mean_over_seeds,
+    needed_variants,
+    paired_rows,
+    paired_table,
+    seed_cells,
+)
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +130,12 @@ def _arrow(metric: str) -> str:
     return "↓" if any(m in metric for m in LOWER_IS_BETTER) else "↑"
 
 
-def markdown_table(agg: Mapping[str, Mapping[Key, Cell]], digits: int = 3) -> str:
-    """Variants as rows; each (task, metric) as two columns, original and new languages."""
+def markdown_table(agg: Mapping[str, Mapping[Key, Cell]], digits: int = 3,
+                   chance: Mapping[str, float] | None = None) -> str:
+    """Variants as rows; each (task, metric) as two columns, original and new languages.
+
+    With ``chance`` (``task/metric`` → the score of guessing) two reference rows close the
+    table: chance, and the ceiling (1.0) of those metrics."""
     columns = sorted({(task, metric) for cells in agg.values() for task, metric, _ in cells})
     header = ["variant"] + [f"{task} {metric} {_arrow(metric)} ({group})"
                             for task, metric in columns for group in GROUPS]
@@ -127,23 +146,14 @@ def markdown_table(agg: Mapping[str, Mapping[Key, Cell]], digits: int = 3) -> st
         row = [variant] + [cells.get((task, metric, group), missing).text(digits)
                            for task, metric in columns for group in GROUPS]
         lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
-
-
-def headline(agg: Mapping[str, Mapping[Key, Cell]], *, task_contains: str = "instruct",
-             numerator: str = "deltamoe", denominator: str = "param_delta") -> tuple[str, float]:
-    """The claim in one number: the new-language score of DeltaMoE over that of ParamΔ on the
-    first higher-is-better metric of a task whose name contains ``task_contains``."""
-    for task, metric, group in sorted(agg.get(numerator, {})):
-        if group != "new" or task_contains not in task or _arrow(metric) != "↑":
-            continue
-        top = agg[numerator][(task, metric, group)].mean
-        bottom = agg.get(denominator, {}).get((task, metric, group))
-        if bottom is None:
+    for label, value in (("*chance*", None), ("*ceiling*", 1.0)):
+        if not chance:
             break
-        ratio = top / bottom.mean if bottom.mean else float("inf")
-        return f"{task} {metric} (new languages) {numerator} / {denominator}", ratio
-    return "no comparable metric", float("nan")
+        row = [label] + [f"{(chance[f'{task}/{metric}'] if value is None else value):.{digits}f}"
+                         if f"{task}/{metric}" in chance else "—"
+                         for task, metric in columns for _ in GROUPS]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
 @dataclass
@@ -156,19 +166,27 @@ class ReproduceResult:
     runs: dict[int, str] = field(default_factory=dict)
     seconds: dict[int, float] = field(default_factory=dict)
     markdown: str = ""
+    gates: list[tuple[GateResult, int]] = field(default_factory=list)
+    paired: list[PairedRow] = field(default_factory=list)
 
     def missing(self, variants: Iterable[str]) -> list[str]:
         """Variants asked for that produced no number at all."""
         return [v for v in variants if not self.aggregate.get(v)]
 
+    @property
+    def certified(self) -> bool:
+        """Every gate of the plan passed (on the seed means); no plan certifies nothing."""
+        return bool(self.gates) and all(result.passed for result, _ in self.gates)
 
-def render_markdown(cfg: RunConfig, result: ReproduceResult, command: str, reading: str) -> str:
-    """The results page: command, configuration, table, and the reading of the table."""
+
+def render_markdown(cfg: RunConfig, result: ReproduceResult, command: str, reading: str,
+                    plan: ComparisonPlan | None = None, plan_text: str = "") -> str:
+    """The results page: command, gates, tables, the paired differences and the reading."""
     resolved = cfg.model_dump(mode="json", exclude={"tracking", "storage"})
     total = sum(result.seconds.values())
-    name, ratio = headline(result.aggregate)
-    return "\n".join([
-        "# DeltaMoE at toy scale: every variant, mean ± std over seeds",
+    seeds = len(result.seeds)
+    lines = [
+        "# DeltaMoE at toy scale: gates, every variant, paired differences over seeds",
         "",
         "Reproduce with:",
         "",
@@ -178,27 +196,37 @@ def render_markdown(cfg: RunConfig, result: ReproduceResult, command: str, readi
         "",
         f"Seeds: {', '.join(map(str, result.seeds))} (each a replicate of the whole pipeline: "
         f"world, base, post-training, CPT, graft). Wall time of this invocation: {total / 60:.1f} "
-        "min (stages an earlier invocation finished are skipped, not rebuilt). Scores are "
+        "min (stages an earlier invocation finished are skipped, not rebuilt; per seed: "
+        + ", ".join(f"{s / 60:.1f}" for s in result.seconds.values()) + " min). Scores are "
         "averaged over the original languages "
         f"({', '.join(cfg.languages.original)}) and the new ones "
-        f"({', '.join(cfg.languages.new)}) per seed, then over seeds (± is the sample standard "
-        "deviation). ↑ higher is better, ↓ lower is better.",
+        f"({', '.join(cfg.languages.new)}) per seed, then over seeds. ↑ higher is better, "
+        "↓ lower is better.",
         "",
-        result.table,
-        "",
-        f"Headline: {name} = {ratio:.3f}",
-        "",
-        "## Reading",
-        "",
-        reading,
-        "",
-        "## Configuration (fixed before the results were seen)",
-        "",
-        "```yaml",
-        yaml.safe_dump(resolved, sort_keys=False).rstrip(),
-        "```",
-        "",
-    ])
+    ]
+    if plan is not None:
+        verdict = ("every gate passes: the world certifies the comparison below"
+                   if result.certified else
+                   "**a gate fails: the world does not certify the comparison; its numbers "
+                   "are shown, not read**")
+        lines += ["## Gates (fixed before the comparison ran)", "",
+                  gates_table(result.gates, seeds), "", f"Verdict: {verdict}.", "",
+                  headline_text(headline_row(result.paired, plan), plan, result.certified), ""]
+    lines += ["## Every variant (mean ± sample std over seeds)", "", result.table, ""]
+    if plan is not None:
+        lines += [f"## Paired differences ({plan.variant} − baseline, same seed, same items)", "",
+                  "Per seed: the group score difference. The t-interval treats seeds as the only "
+                  "noise; the bootstrap resamples seeds, then items within each seed and "
+                  "language, the same items for both variants. McNemar: exact two-sided test on "
+                  "one seed's items (0/1 metrics).", "",
+                  paired_table(result.paired, plan.variant), ""]
+    lines += ["## Reading", "", reading, ""]
+    if plan_text:
+        lines += ["## Comparison plan (fixed before the comparison ran)", "", "```yaml",
+                  plan_text.rstrip(), "```", ""]
+    lines += ["## Configuration (fixed before the results were seen)", "", "```yaml",
+              yaml.safe_dump(resolved, sort_keys=False).rstrip(), "```", ""]
+    return "\n".join(lines)
 
 
 def default_reading(result: ReproduceResult) -> str:
@@ -227,17 +255,33 @@ def default_reading(result: ReproduceResult) -> str:
 
 
 def run_reproduce(cfg: RunConfig, seeds: Sequence[int], *, command: str,
-                  out: str | Path | None = None, reading: str | None = None) -> ReproduceResult:
-    """Run the expansion once per seed, then write the table to the run, MLflow and ``out``."""
+                  out: str | Path | None = None, reading: str | None = None,
+                  plan: ComparisonPlan | None = None, plan_text: str = "") -> ReproduceResult:
+    """Run the expansion once per seed, then write the page to the run, MLflow and ``out``.
+
+    With a ``plan`` every seed keeps lm-eval's per-item samples, the plan's gates are checked on
+    the seed means and its paired differences are computed from the items."""
     import time
 
     from workflows.expand import run_workflow
 
     if not seeds:
         raise ValueError("give at least one seed")
+    if plan is not None:
+        built = {"base", "post", "deltamoe", *cfg.baselines.variants}
+        unbuilt = [v for v in needed_variants(plan) if v not in built]
+        if unbuilt:
+            raise ValueError(f"the comparison plan reads {', '.join(unbuilt)}, which the config "
+                             "does not build; add them to baselines.variants or drop them from "
+                             "the plan")
+    if plan is not None and not cfg.evaluation.log_samples:
+        cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(
+            update={"log_samples": True})})
     run_dir = RunDir(cfg.storage.root, cfg.run_name, cfg.storage.storage_options)
     tracking_uri = resolve_tracking_uri(cfg.tracking.uri, run_dir)
+    groups = {"original": list(cfg.languages.original), "new": list(cfg.languages.new)}
     per_seed: list[dict[str, Rows]] = []
+    items: list[SeedItems] = []
     result = ReproduceResult(run_dir=run_dir.uri, tracking_uri=tracking_uri, seeds=list(seeds),
                              table="", aggregate={})
     for seed in seeds:
@@ -251,14 +295,37 @@ def run_reproduce(cfg: RunConfig, seeds: Sequence[int], *, command: str,
             raise RuntimeError(f"seed {seed}: the workflow evaluated nothing "
                                f"(run {seed_cfg.run_name})")
         per_seed.append(outcome.evaluated)
+        local = RunDir(seed_cfg.storage.root, seed_cfg.run_name,
+                       seed_cfg.storage.storage_options).local_path
+        if plan is not None and local is not None:
+            items.append(collect_items(local, needed_variants(plan),
+                                       list(dict.fromkeys(plan.metrics)), groups))
     result.aggregate = aggregate(per_seed, cfg.languages.original, cfg.languages.new)
-    result.table = markdown_table(result.aggregate)
-    result.markdown = render_markdown(cfg, result, command, reading or default_reading(result))
+    result.table = markdown_table(result.aggregate, chance=plan.chance if plan else None)
+    if plan is not None:
+        cells = [seed_cells(language_averages_by_variant(rows, groups)) for rows in per_seed]
+        result.gates = gate_rows(plan, mean_over_seeds(cells), cells)
+        result.paired = paired_rows(items, plan, groups)
+    result.markdown = render_markdown(cfg, result, command, reading or default_reading(result),
+                                      plan, plan_text)
     _record(cfg, run_dir, tracking_uri, result, per_seed)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(result.markdown, encoding="utf-8")
     return result
+
+
+def language_averages_by_variant(evaluated: Mapping[str, Rows],
+                                 groups: Mapping[str, Sequence[str]]
+                                 ) -> dict[str, dict[tuple[str, str, str], float]]:
+    """One seed's :func:`language_averages` for every variant."""
+    return {variant: language_averages(rows, groups["original"], groups["new"])
+            for variant, rows in evaluated.items()}
+
+
+def _num(value: float | None) -> float | None:
+    """A number for JSON: NaN (no interval from one seed, a missing cell) becomes null."""
+    return None if value is None or math.isnan(value) else value
 
 
 def _record(cfg: RunConfig, run_dir: RunDir, tracking_uri: str, result: ReproduceResult,
@@ -273,6 +340,17 @@ def _record(cfg: RunConfig, run_dir: RunDir, tracking_uri: str, result: Reproduc
         "aggregate": {variant: [{"task": t, "metric": m, "group": g, "mean": c.mean,
                                  "std": c.std, "n": c.n} for (t, m, g), c in sorted(cells.items())]
                       for variant, cells in result.aggregate.items()},
+        "gates": [{"name": r.gate.name, "measure": r.gate.measure, "rule": r.gate.rule(),
+                   "value": _num(r.value), "low": _num(r.low), "high": _num(r.high),
+                   "passed": r.passed, "seeds_passing": passing} for r, passing in result.gates],
+        "certified": result.certified,
+        "paired": [{"metric": p.metric, "baseline": p.baseline, "per_seed": p.per_seed,
+                    "t": [_num(p.t.estimate), _num(p.t.low), _num(p.t.high)],
+                    "bootstrap": [p.bootstrap.estimate, p.bootstrap.low, p.bootstrap.high],
+                    "wins": list(p.wins),
+                    "mcnemar": None if p.mcnemar is None else
+                    [[m.a_only, m.b_only, m.p_value] for m in p.mcnemar]}
+                   for p in result.paired],
     }
     stage = run_dir.stage(STAGE)
     with stage.build(fingerprint(payload), config=cfg.model_dump(mode="json")) as work:
@@ -287,6 +365,12 @@ def _record(cfg: RunConfig, run_dir: RunDir, tracking_uri: str, result: Reproduc
                 base = f"reproduce/{variant}/{task}/{metric}/{group}"
                 metrics[f"{base}/mean"] = cell.mean
                 metrics[f"{base}/std"] = cell.std
+        for row in result.paired:
+            base = f"reproduce/paired/{row.baseline}/{row.metric}"
+            metrics.update({f"{base}/diff": row.bootstrap.estimate,
+                            f"{base}/low": row.bootstrap.low, f"{base}/high": row.bootstrap.high})
+        metrics.update({f"reproduce/gate/{r.gate.name}": float(r.passed)
+                        for r, _ in result.gates})
         logger.log_metrics(metrics, step=0)
         logger.log_dict(payload["aggregate"], "reproduce/aggregate.json")
         logger.client.log_text(logger.run_id, result.markdown, "reproduce/reproduce.md")

@@ -225,16 +225,21 @@ def train_command(config: Path, variant: str, overrides: tuple[str, ...]) -> Non
               help="Comma-separated seeds; each is a replicate of the whole pipeline.")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="Also write the results page here (markdown).")
+@click.option("--gates", "gates_file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="The comparison plan (gates, headline, paired metrics) fixed "
+              "before the run; default: CONFIG's sibling <stem>.gates.yaml.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config key (dotted path).")
-def reproduce(config: Path | None, seeds: str, out_file: Path | None,
+def reproduce(config: Path | None, seeds: str, out_file: Path | None, gates_file: Path | None,
               overrides: tuple[str, ...]) -> None:
-    """The paper's comparison at toy scale: every variant over several seeds, mean ± std.
+    """The paper's comparison at toy scale: gates, every variant over several seeds, and the
+    paired differences DeltaMoE − each baseline with their intervals.
 
     CONFIG defaults to the committed reproduce config (fixed before any result was seen).
     """
     import shlex
 
+    from components.evaluate.gates import load_plan
     from workflows.reproduce import run_reproduce
 
     config = config or REPRODUCE_CONFIG
@@ -244,6 +249,15 @@ def reproduce(config: Path | None, seeds: str, out_file: Path | None,
     if out_file is not None and out_file.resolve() == Path(config).resolve():
         raise UserError(f"--out {out_file}: is the config it reads; choose another file")
     cfg = load_config(config, overrides=parse_overrides(overrides))
+    if gates_file is None:
+        sibling = Path(config).with_suffix(".gates.yaml")
+        gates_file = sibling if sibling.is_file() else None
+    elif not gates_file.is_file():
+        raise UserError(f"--gates {gates_file}: no such file")
+    plan = load_plan(gates_file) if gates_file is not None else None
+    if plan is None:
+        click.echo(f"no comparison plan beside {config} (<stem>.gates.yaml): the page will "
+                   "have no gates and no paired differences", err=True)
     shown = Path(config)
     try:
         shown = shown.resolve().relative_to(Path.cwd())
@@ -253,6 +267,8 @@ def reproduce(config: Path | None, seeds: str, out_file: Path | None,
                           *(a for o in overrides for a in ("--set", o)),
                           *(["--out", str(out_file)] if out_file else [])])
     with workflow_errors():
-        result = run_reproduce(cfg, seed_list, command=command, out=out_file)
+        result = run_reproduce(cfg, seed_list, command=command, out=out_file, plan=plan,
+                               plan_text=gates_file.read_text(encoding="utf-8")
+                               if gates_file is not None else "")
     click.echo(result.table)
     click.echo(f"results: {result.run_dir}/reproduce" + (f" and {out_file}" if out_file else ""))
