@@ -57,9 +57,15 @@ def test_world_layouts_and_offline_loading(two_worlds: tuple[Path, Path]) -> Non
     culturax = sorted(p.name for p in (world / "corpora/culturax").iterdir())
     assert len(fineweb) >= 4 and len(culturax) >= 4
     assert any(tag.endswith("_Cyrl") for tag in fineweb)
+    split = json.loads((world / "world.json").read_text())["split"]
+    assert sorted([*split["original"], *split["new"]]) == fineweb
+    base = sorted(p.name for p in (world / "corpora/base/fineweb2/data").iterdir())
+    assert base == fineweb  # the base's pre-training text holds every language
     for tag in fineweb:
         assert list((world / "corpora/fineweb2/data" / tag / "train").glob("*.parquet"))
-        assert (world / "eval" / tag).is_dir() and (world / "instructions" / tag).is_dir()
+        assert (world / "eval" / tag).is_dir()
+        # post-training data only where the base knows the language
+        assert (world / "instructions" / tag).is_dir() == (tag in split["original"])
     script = f"""
 from transformers import AutoModelForCausalLM, AutoTokenizer
 tok = AutoTokenizer.from_pretrained({str(world / 'model')!r})

@@ -1,13 +1,16 @@
 """Evaluation on the synthetic world: the suite's acceptance, the stage, MLflow and plots.
 
 The models are trained here with a short plain-PyTorch loop (the training stage is its own
-module): a tiny Llama pre-trained on the world's English text (the base), then fine-tuned on
-English instruction rows with the loss on the answer tokens only (the post-trained sibling).
+module): a tiny Llama pre-trained on the world's English base text (the base), then fine-tuned
+on English instruction rows (closed-book and open-book) with the loss on the answer tokens only
+(the post-trained sibling). Item counts are read from the world's ``world.json``, never assumed:
+the world's sizes are its own business.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 from pathlib import Path
@@ -22,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from components.config import parse_config
 from components.evaluate.results import ResultRow, comparison_table, read_results
 from components.evaluate.runner import evaluate_model
+from components.evaluate.synthetic import SYNTHETIC_TASKS
 from components.moe.upcycle import UpcycleOptions, upcycle
 from components.storage import RunDir
 from components.synthetic.build import build_world
@@ -29,6 +33,9 @@ from components.synthetic.hf import build_tiny_model
 from components.tracking import ExpansionTracker, resolve_tracking_uri
 
 ORIGINAL, NEW = "eng_Latn", "swh_Latn"
+# small evaluated groups keep generation short; the open-book training people stay the world's
+WORLD = {"num_people": 60, "docs_per_language": 300, "vocab_size": 1200, "eval_people": 12,
+         "new_fact_people": 12, "openbook_people": 24, "heldout_docs": 60}
 
 
 def _train(model: torch.nn.Module, tok: object, texts: list[str], steps: int, lr: float,
@@ -40,7 +47,7 @@ def _train(model: torch.nn.Module, tok: object, texts: list[str], steps: int, lr
     for _ in range(steps):
         idx = [rng.randrange(len(texts)) for _ in range(batch)]
         enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
-                  max_length=96)
+                  max_length=160)  # an open-book row (biography, question, answer) fits
         labels = enc["input_ids"].clone()
         labels[enc["attention_mask"] == 0] = -100
         if prompt_lens is not None:  # loss on the answer only
@@ -52,18 +59,24 @@ def _train(model: torch.nn.Module, tok: object, texts: list[str], steps: int, lr
     model.eval()
 
 
+def _items(world: Path, lang: str, task: str) -> int:
+    """How many items the world wrote for ``task`` in ``lang`` (its eval file's key)."""
+    meta = json.loads((world / "world.json").read_text())
+    return meta["summary"]["eval_items"][lang][task.removeprefix("synthetic_")]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A small world, a base pre-trained on English, and its instruction-tuned sibling."""
     root = tmp_path_factory.mktemp("evaluate")
     world = root / "world"
-    build_world(world, seed=0, num_people=60, docs_per_language=300, vocab_size=1200,
-                languages=[ORIGINAL, NEW])
+    build_world(world, seed=0, languages=[ORIGINAL, NEW], original=[ORIGINAL], **WORLD)
     tok = AutoTokenizer.from_pretrained(world / "tokenizer")
     build_tiny_model(tok, root / "init", hidden_size=96, num_layers=2, intermediate_size=256)
     model = AutoModelForCausalLM.from_pretrained(root / "init")
-    docs = [t for f in sorted((world / "corpora" / "fineweb2").rglob("*.parquet"))
-            if ORIGINAL in str(f) for t in pq.read_table(f).column("text").to_pylist()]
+    base_text = world / "corpora" / "base" / "fineweb2" / "data" / ORIGINAL
+    docs = [t for f in sorted(base_text.rglob("*.parquet"))
+            for t in pq.read_table(f).column("text").to_pylist()]
     _train(model, tok, docs, steps=300, lr=3e-3)
     model.save_pretrained(root / "base")
     tok.save_pretrained(root / "base")
@@ -93,22 +106,45 @@ def scored(trained: dict[str, Path]) -> dict[str, dict[tuple[str, str, str], Res
     return out
 
 
+def test_every_task_and_item_is_scored(scored: dict, trained: dict) -> None:
+    """Each task in each language over all the world's items; closed_new only where there are
+    new-fact people (a new language); every question task reports exact_match and right_kind."""
+    for rows in scored.values():
+        tasks = {(task, lang) for task, lang, _ in rows}
+        assert tasks == {(t, lang) for t in SYNTHETIC_TASKS for lang in (ORIGINAL, NEW)} - \
+            {("synthetic_closed_new", ORIGINAL)}
+        for (task, lang, metric), row in rows.items():
+            assert row.n == _items(trained["world"], lang, task), (task, lang, metric)
+        for task in ("synthetic_openbook", "synthetic_closed_original", "synthetic_closed_new"):
+            metrics = {m for t, lang, m in rows if t == task and lang == NEW}
+            assert {"exact_match", "right_kind"} <= metrics, task
+
+
 def test_instruction_tuning_shows_in_its_language_only(scored: dict) -> None:
     base, post = scored["base"], scored["post"]
-    key = ("synthetic_instruct", ORIGINAL, "exact_match")
-    assert base[key].value == 0.0  # a base model rambles instead of answering
-    assert post[key].n == 84  # 12 eval people × 5 attributes, all question forms
+    em, kind = (("synthetic_openbook", ORIGINAL, m) for m in ("exact_match", "right_kind"))
+    # a base model rambles instead of answering: neither the answer nor an answer word
+    assert base[em].value < 0.02 and base[kind].value < 0.05
     # clearly higher: several standard errors above the base
-    assert post[key].value > base[key].value + 3 * post[key].stderr
+    assert post[em].value > base[em].value + 3 * post[em].stderr
+    # the format is learnt (a bare answer word of the asked attribute) beyond the right value
+    assert post[kind].value > 0.8
+    assert post[kind].value >= post[em].value
+    assert post[kind].value > base[kind].value + 3 * post[kind].stderr
     # the answer format does not reach a language the model never saw
-    assert post[("synthetic_instruct", NEW, "exact_match")].value == 0.0
+    for task in ("synthetic_openbook", "synthetic_closed_original", "synthetic_closed_new"):
+        assert post[(task, NEW, "right_kind")].value < 0.05, task
+        assert post[(task, NEW, "exact_match")].value < 0.05, task
 
 
 def test_a_language_never_trained_is_near_chance_on_multiple_choice(scored: dict) -> None:
     for variant in ("base", "post"):
         mc = scored[variant][("synthetic_mc", NEW, "acc")]
-        assert mc.n == 60
-        assert abs(mc.value - 0.25) < 0.12, (variant, mc)
+        chance_stderr = math.sqrt(0.25 * 0.75 / mc.n)
+        assert abs(mc.value - 0.25) < 3 * chance_stderr, (variant, mc)
+    # the base read every English fact many times: well above chance in English
+    mc = scored["base"][("synthetic_mc", ORIGINAL, "acc")]
+    assert mc.value > 0.25 + 3 * math.sqrt(0.25 * 0.75 / mc.n), mc
     # pre-training on English text makes English far more predictable than Swahili
     lm = scored["base"]
     assert lm[("synthetic_lm", ORIGINAL, "bits_per_byte")].value < \
@@ -119,10 +155,18 @@ def test_comparison_table_reports_original_and_new_averages(scored: dict) -> Non
     evaluated = {v: list(s.values()) for v, s in scored.items()}
     table = comparison_table(evaluated, [ORIGINAL], [NEW])
     lines = table.splitlines()
-    assert lines[0].startswith("| variant | synthetic_instruct exact_match↑ orig")
-    post_line = next(line for line in lines if line.startswith("| post |"))
-    em = scored["post"][("synthetic_instruct", ORIGINAL, "exact_match")].value
-    assert f"{em:.3f}" in post_line.split("|")[2]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert header[0] == "variant"
+    # every question task's exact_match, lm's bits per byte and mc's accuracy, orig and new
+    assert {"synthetic_openbook exact_match↑ orig", "synthetic_closed_new exact_match↑ new",
+            "synthetic_closed_original exact_match↑ new", "synthetic_mc acc↑ orig",
+            "synthetic_lm bits_per_byte↓ new"} <= set(header)
+    post = [cell.strip() for cell in
+            next(line for line in lines if line.startswith("| post |")).strip("|").split("|")]
+    em = scored["post"][("synthetic_openbook", ORIGINAL, "exact_match")].value
+    assert post[header.index("synthetic_openbook exact_match↑ orig")] == f"{em:.3f}"
+    # no original language has new-fact questions: a dash, not a made-up score
+    assert post[header.index("synthetic_closed_new exact_match↑ orig")] == "–"
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -152,8 +196,8 @@ def run(trained: dict[str, Path]) -> dict[str, object]:
 
     root = trained["root"] / "runs"
     cfg = parse_config({
-        "run_name": "ev", "world": {"num_people": 60, "docs_per_language": 300,
-                                    "vocab_size": 1200, "base_steps": 10},
+        "run_name": "ev", "world": {**WORLD, "languages": [ORIGINAL, NEW],
+                                    "original": [ORIGINAL], "base_steps": 10},
         "languages": {"original": [ORIGINAL], "new": [NEW]},
         "evaluation": {"suites": ["synthetic"], "batch_size": 32, "max_gen_tokens": 8,
                        "limit": 24},
@@ -182,14 +226,16 @@ def test_stage_writes_one_json_per_variant(run: dict) -> None:
     for name, rows in evaluated.items():
         assert read_results(local / "eval" / f"{name}.json") == rows
         tasks = {(r.task, r.lang) for r in rows}
-        assert tasks == {(t, lang) for t in ("synthetic_lm", "synthetic_instruct",
-                                            "synthetic_mc") for lang in (ORIGINAL, NEW)}
-        assert all(r.n == 24 for r in rows)  # evaluation.limit
+        assert tasks == {(t, lang) for t in SYNTHETIC_TASKS for lang in (ORIGINAL, NEW)} - \
+            {("synthetic_closed_new", ORIGINAL)}
+        limit = run["cfg"].evaluation.limit
+        assert all(r.n == min(limit, _items(local / "world", r.lang, r.task)) for r in rows)
     assert (local / "eval" / "manifest.json").is_file()
     comparison = (local / "eval" / "comparison.md").read_text()
     assert [line.split(" | ")[0] for line in comparison.splitlines()[2:]] == \
         ["| base", "| post", "| cpt_moe", "| deltamoe"]
-    for png in ("synthetic_mc.acc.languages.png", "synthetic_instruct.exact_match.averages.png"):
+    for png in ("synthetic_mc.acc.languages.png", "synthetic_openbook.exact_match.averages.png",
+                "synthetic_closed_new.exact_match.languages.png"):
         assert (local / "eval" / "plots" / png).read_bytes()[:4] == b"\x89PNG"
 
 
@@ -236,9 +282,14 @@ def test_mlflow_has_a_run_per_variant_and_the_tables(run: dict) -> None:
     assert len(runs) == 1
     assert runs[0].data.tags["mlflow.parentRunId"] == tracker.parent_run_id
     rows = _scores(run["evaluated"]["post"])
-    key = ("synthetic_instruct", ORIGINAL, "exact_match")
-    assert runs[0].data.metrics[f"eval/synthetic_instruct/exact_match/{ORIGINAL}"] == \
-        pytest.approx(rows[key].value)
+    for task, metric in (("synthetic_openbook", "exact_match"), ("synthetic_openbook",
+                                                                  "right_kind"),
+                         ("synthetic_closed_original", "exact_match")):
+        assert runs[0].data.metrics[f"eval/{task}/{metric}/{ORIGINAL}"] == \
+            pytest.approx(rows[(task, ORIGINAL, metric)].value)
+    assert runs[0].data.metrics[f"eval/synthetic_closed_new/exact_match/{NEW}"] == \
+        pytest.approx(rows[("synthetic_closed_new", NEW, "exact_match")].value)
+    assert f"eval/synthetic_closed_new/exact_match/{ORIGINAL}" not in runs[0].data.metrics
     moe = client.search_runs([tracker.experiment_id], "tags.variant = 'deltamoe'")[0]
     assert any(k.startswith("router/load/0/") for k in moe.data.metrics)
     # lm-eval's own record beside the rows, in the part folder and as the run's artifacts

@@ -170,5 +170,5 @@ def test_marks_intervals_status_and_metric_keys() -> None:
     # one parser for MLflow's eval keys, whatever order the segments after the task take
     assert metric_key("eval/belebele/swh_Latn/acc") == ("belebele", "swh_Latn", "acc")
     assert metric_key("eval/belebele/acc/swh_Latn") == ("belebele", "swh_Latn", "acc")
-    assert metric_key("eval/synthetic_instruct/avg_new/exact_match/deltamoe") is None
+    assert metric_key("eval/synthetic_openbook/avg_new/exact_match/deltamoe") is None
     assert metric_key("eval/belebele/swh_Latn/acc_stderr") is None

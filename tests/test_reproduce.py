@@ -73,6 +73,12 @@ def test_seed_replicates_differ_only_where_they_must() -> None:
     same = {k: v for k, v in cfg.model_dump().items()
             if k not in ("run_name", "seed", "world", "graft", "tracking")}
     assert same == {k: v for k, v in one.model_dump().items() if k in same}
-    # every variant of the comparison is asked for in the committed config
-    assert set(cfg.baselines.variants) == {"cpt_dense", "param_delta", "ties", "dare",
-                                           "flops_matched", "moe_unfrozen", "layermoe"}
+    # every variant the committed plan reads is built by the committed config
+    from components.evaluate.gates import load_plan
+    from workflows.comparison import needed_variants
+
+    plan = load_plan(REPRODUCE_CONFIG.with_suffix(".gates.yaml"))
+    assert set(needed_variants(plan)) <= {"base", "post", "deltamoe", *cfg.baselines.variants}
+    assert set(cfg.baselines.variants) == {"cpt_dense", "param_delta", "flops_matched",
+                                           "cpt_moe", "moe_unfrozen", "block_expansion",
+                                           "layermoe"}

@@ -42,10 +42,11 @@ def _config(tmp: Path) -> object:
     })
 
 
-def _data_stage(run_dir: RunDir, name: str, world: Path, languages: list[str]) -> None:
+def _data_stage(run_dir: RunDir, name: str, world: Path, languages: list[str],
+                corpus: str = "fineweb2") -> None:
     stage = run_dir.stage(name)
     with stage.build("test-data-" + name) as work:
-        pack(world, languages, work.path, rows_per_lang=16)
+        pack(world, languages, work.path, rows_per_lang=16, corpus=corpus)
 
 
 def test_world_pair_and_cpt_variants_inline(tmp_path: Path) -> None:
@@ -57,7 +58,7 @@ def test_world_pair_and_cpt_variants_inline(tmp_path: Path) -> None:
     local = run_dir.local_path
     world = build_world(tmp_path)
     (local / "world").symlink_to(world, target_is_directory=True)
-    _data_stage(run_dir, "base_data", world, ORIGINAL)
+    _data_stage(run_dir, "base_data", world, ORIGINAL, corpus="base/fineweb2")
 
     base, built = ensure_base(cfg, run_dir)
     assert built and base.extra["train"]["steps"] == 4
@@ -72,9 +73,15 @@ def test_world_pair_and_cpt_variants_inline(tmp_path: Path) -> None:
     assert built and post.extra["train"]["steps"] == 3
     sft = pq.read_table(local / "sft_data/train/part-0.parquet").to_pydict()
     assert set(sft["lang"]) == set(ORIGINAL)
+    assert all(len(ids) == len(labels) == 64
+               for ids, labels in zip(sft["input_ids"], sft["labels"], strict=True))
+    # an open-book conversation longer than a 64-token row is left out and counted (cut, it
+    # would lose its answer); every row that is kept supervises its responses
+    rows = run_dir.stage("sft_data").read_manifest().extra["rows"]
+    assert rows["train_too_long"] > 0 and rows["train"] == len(sft["input_ids"])
+    assert all(any(x != IGNORE for x in labels) for labels in sft["labels"])
     ids, labels = sft["input_ids"][0], sft["labels"][0]
-    assert len(ids) == len(labels) == 64
-    assert IGNORE in labels and any(label != IGNORE for label in labels)
+    assert IGNORE in labels
     kept = [i for i, label in zip(ids, labels, strict=True) if label != IGNORE]
     assert kept == [label for label in labels if label != IGNORE]  # labels are the tokens
 

@@ -26,9 +26,10 @@ def build_world(root: Path) -> Path:
 
 
 def pack(world: Path, languages: list[str], out: Path, rows_per_lang: int,
-         seq_len: int = SEQ_LEN) -> Path:
-    """Tokenize the world's fineweb2 corpora and the held-out text into fixed-length rows:
-    ``out/train/part-0.parquet`` and ``out/validation/part-0.parquet``."""
+         seq_len: int = SEQ_LEN, corpus: str = "fineweb2") -> Path:
+    """Tokenize the world's ``corpora/<corpus>`` text (``fineweb2``: the CPT corpus;
+    ``base/fineweb2``: the base's pre-training text) and the held-out text into fixed-length
+    rows: ``out/train/part-0.parquet`` and ``out/validation/part-0.parquet``."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(world / "tokenizer")
@@ -36,7 +37,7 @@ def pack(world: Path, languages: list[str], out: Path, rows_per_lang: int,
     splits: dict[str, dict[str, list]] = {s: {"input_ids": [], "lang": [], "source": []}
                                           for s in ("train", "validation")}
     for tag in languages:
-        train_texts = [r for f in sorted((world / "corpora" / "fineweb2").rglob("*.parquet"))
+        train_texts = [r for f in sorted((world / "corpora" / corpus).rglob("*.parquet"))
                        if tag in str(f) for r in pq.read_table(f, columns=["text"])
                        .column("text").to_pylist()]
         val_texts = [json.loads(line)["text"] for line in

@@ -245,7 +245,7 @@ def build_suite_tasks(suite_names: Sequence[str], languages: Sequence[str], *,
         if kind == "synthetic":
             if world_eval_dir is None:
                 raise SuiteError("the synthetic suite needs the world's eval folder (a world "
-                                 "run, or evaluation.data_dir holding <tag>/instruct.jsonl ...)")
+                                 "run, or evaluation.data_dir holding <tag>/openbook.jsonl ...)")
             out.update(synthetic_tasks(world_eval_dir, list(languages), tasks=SYNTHETIC_TASKS,
                                        max_gen_tokens=max_gen_tokens,
                                        chat_template=chat_template))

@@ -6,7 +6,8 @@ The export runs in the driver with no process group: it reads the DCP checkpoint
 layer at a time (DCP loads any subset of keys), casts to the dtype the initial model was stored
 in, and writes bounded safetensors shards — the full model is never gathered in memory. Experts
 come out in the initial model's layout (per-expert keys for a Mixtral written by the upcycle
-stage), next to the initial model's config, tokenizer, generation config and ``allocation.json``.
+stage), next to the initial model's config, tokenizer, generation config, ``allocation.json`` and
+``expansion.json``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from components.block_expansion import EXPANSION_FILE
 from components.moe.checkpoint import (
     SIDE_FILES,
     LazyCheckpoint,
@@ -117,7 +119,9 @@ def export_hf(checkpoint: str | Path, init_dir: str | Path, out_dir: str | Path,
         if convert:
             shutil.rmtree(target, ignore_errors=True)
         raise
-    for name in ("config.json", "allocation.json", *SIDE_FILES):
+    # the upcycler's and the block expander's records travel with the trained model: the graft
+    # and the routing prior read them from whatever model is trained from it
+    for name in ("config.json", "allocation.json", EXPANSION_FILE, *SIDE_FILES):
         if (init_dir / name).exists():
             shutil.copyfile(init_dir / name, target / name)
     if convert:

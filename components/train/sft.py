@@ -4,13 +4,15 @@ Each conversation is rendered with the tokenizer's chat template; the prompt (ev
 the last assistant message, plus the assistant header) and the response are tokenized
 separately and concatenated, so the label boundary is exact. ``labels`` are -100 on prompt
 tokens and padding. Several short conversations are packed into one row (the synthetic world's
-instructions are a few dozen tokens each), none is split across rows, and a conversation longer
-than a row is cut at the row's end.
+instructions are a few dozen tokens each) and none is split across rows. A conversation longer
+than a row is left out and counted: cut at the row's end it would lose its response and
+supervise nothing (an open-book question's context comes before its answer).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,8 @@ import pyarrow.parquet as pq
 
 from components.train.data import IGNORE
 from components.train.spec import TrainError
+
+log = logging.getLogger(__name__)
 
 SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
                     ("lang", pa.string()), ("source", pa.string())])
@@ -55,7 +59,9 @@ def pack_rows(examples: Iterable[tuple[list[int], list[int], str]], seq_len: int
         out["source"].append("sft")
 
     for ids, labels, lang in examples:
-        ids, labels = ids[:seq_len], labels[:seq_len]
+        if len(ids) > seq_len:
+            raise TrainError(f"a conversation of {len(ids)} tokens does not fit a row of "
+                             f"{seq_len}; leave it out before packing")
         current = open_rows.get(lang)
         if current is not None and len(current[0]) + len(ids) > seq_len:
             flush(lang)
@@ -73,7 +79,8 @@ def pack_rows(examples: Iterable[tuple[list[int], list[int], str]], seq_len: int
 def build_sft_parquet(tokenizer: Any, files: Sequence[str | Path], out_dir: str | Path,
                       seq_len: int, validation_fraction: float = 0.05) -> dict[str, int]:
     """JSONL rows with ``messages`` and ``lang`` → ``out_dir/{train,validation}/part-0.parquet``;
-    returns row counts per split. The last ``validation_fraction`` of each file is held out."""
+    returns row counts per split (and ``<split>_too_long``, the conversations left out). The
+    last ``validation_fraction`` of each file is held out."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
         else tokenizer.eos_token_id
     splits: dict[str, list[tuple[list[int], list[int], str]]] = {"train": [], "validation": []}
@@ -89,7 +96,17 @@ def build_sft_parquet(tokenizer: Any, files: Sequence[str | Path], out_dir: str 
             ids, labels = encode(tokenizer, row["messages"])
             splits["validation" if i >= len(rows) - held else "train"].append(
                 (ids, labels, row["lang"]))
-    counts = {}
+    counts: dict[str, int] = {}
+    for split, examples in list(splits.items()):
+        kept = [e for e in examples if len(e[0]) <= seq_len]
+        counts[f"{split}_too_long"] = len(examples) - len(kept)
+        if not kept:
+            raise TrainError(f"every {split} conversation is longer than data.seq_len "
+                             f"{seq_len} tokens; raise it")
+        if len(kept) < len(examples):
+            log.warning("sft: %d of %d %s conversations are longer than data.seq_len %d and "
+                        "are left out", len(examples) - len(kept), len(examples), split, seq_len)
+        splits[split] = kept
     for split, examples in splits.items():
         table = pa.table(pack_rows(examples, seq_len, pad_id), schema=SCHEMA)
         (Path(out_dir) / split).mkdir(parents=True, exist_ok=True)
