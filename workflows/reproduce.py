@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from components.config import RunConfig
+from components.config import ConfigError, RunConfig
 from components.evaluate.gates import ComparisonPlan, GateResult
 from components.storage import RunDir, fingerprint
 from components.tracking import ExpansionTracker, resolve_tracking_uri
@@ -271,9 +271,9 @@ def run_reproduce(cfg: RunConfig, seeds: Sequence[int], *, command: str,
         built = {"base", "post", "deltamoe", *cfg.baselines.variants}
         unbuilt = [v for v in needed_variants(plan) if v not in built]
         if unbuilt:
-            raise ValueError(f"the comparison plan reads {', '.join(unbuilt)}, which the config "
-                             "does not build; add them to baselines.variants or drop them from "
-                             "the plan")
+            raise ConfigError([("baselines.variants", f"the comparison plan reads "
+                                f"{', '.join(unbuilt)}, which this config does not build; add "
+                                "them here or drop them from the plan")], cfg.run_name)
     if plan is not None and not cfg.evaluation.log_samples:
         cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(
             update={"log_samples": True})})

@@ -174,7 +174,9 @@ def ensure_base(cfg: RunConfig, run_dir: RunDir,
     if not (init / "config.json").exists():
         raise FileNotFoundError(f"{init}: the world stage has not been built (deltamoe demo)")
     data = _parquet(run_dir.stage("base_data"), "base_data")
-    return _train(cfg, run_dir, "base", init, data, "pretrain", logger,
+    pretrain = cfg.model_copy(update={"train": cfg.train.model_copy(
+        update={"lr": cfg.world.base_lr})})
+    return _train(pretrain, run_dir, "base", init, data, "pretrain", logger,
                   steps=cfg.world.base_steps)
 
 

@@ -21,7 +21,7 @@ def ensure_world(stage: StageDir, world: WorldConfig,
     """Build the world into ``stage`` unless a matching one is there; returns (manifest, built)."""
     def build(work: StageBuild) -> None:
         summary = build_world(work.path, **world.model_dump(
-            exclude={"base_steps", "post_steps", "post_lr"}))
+            exclude={"base_steps", "base_lr", "post_steps", "post_lr"}))
         work.extra["summary"] = _plain(summary)
 
     return stage.ensure(world_fingerprint(world), build, config=world.model_dump(mode="json"),

@@ -411,14 +411,15 @@ class WorldConfig(_Section):
         default_factory=lambda: ["eng_Latn", "deu_Latn"], min_length=1, description=(
             "the languages the base knows (keep it equal to the run's languages.original); the "
             "others are new"))
-    num_people: int = Field(160, ge=8, description=(
+    num_people: int = Field(60, ge=8, description=(
         "people of the original languages' base text: eval_people of them are asked about "
         "(synthetic_closed_original), the rest are the SFT people"))
-    eval_people: int = Field(60, ge=1, description=(
-        "original-fact people (at most num_people / 2); 5 questions each"))
-    new_fact_people: int = Field(60, ge=1, description=(
+    eval_people: int = Field(20, ge=1, description=(
+        "original-fact people (at most num_people / 2); every question form of every attribute "
+        "(15 questions each)"))
+    new_fact_people: int = Field(20, ge=1, description=(
         "per new language, people whose facts are only in its CPT corpus (synthetic_closed_new,"
-        " 5 questions each)"))
+        " 15 questions each)"))
     background_people: int = Field(200, ge=0, description=(
         "per new language, never-evaluated people of its small share of the base text"))
     bios_per_person: int = Field(24, ge=1, description=(
@@ -428,8 +429,11 @@ class WorldConfig(_Section):
         "share of the base's pre-training tokens in the new languages (split evenly), from "
         "text that is not their CPT text and holds no evaluated fact"))
     openbook_people: int = Field(60, ge=1, description=(
-        "invented people, in no corpus, whose biographies are open-book contexts: this many for"
-        " post-training and as many for synthetic_openbook (5 questions each)"))
+        "invented people, in no corpus, whose biographies are synthetic_openbook's contexts "
+        "(5 questions each)"))
+    openbook_train_people: int = Field(600, ge=1, description=(
+        "as many other invented people for post-training's open-book rows: so many that the "
+        "answers cannot be memorised and copying from the context is what is learnt"))
     heldout_docs: int = Field(300, ge=1, description=(
         "fact-free held-out documents per language (synthetic_lm)"))
     docs_per_language: int = Field(800, ge=10, description=(
@@ -441,6 +445,12 @@ class WorldConfig(_Section):
     base_steps: int = Field(300, ge=0, description=(
         "pre-training steps that make the demo's base (models/base) from the world's random "
         "model on the original languages; 0 takes the random model itself as the base"))
+    model_hidden_size: int = Field(192, ge=16, description="the tiny base's hidden size")
+    model_layers: int = Field(4, ge=1, description="its decoder layers")
+    model_intermediate_size: int = Field(512, ge=16, description="its FFN width")
+    base_lr: float = Field(3e-3, gt=0.0, description=(
+        "peak learning rate of the base's pre-training (continued pre-training, train.lr, "
+        "stays below it, as it does for real bases)"))
     post_steps: int = Field(150, ge=1, description=(
         "supervised fine-tuning steps that make the post-trained sibling (models/post) on the "
         "original languages' instruction data"))

@@ -130,13 +130,15 @@ def make_people(seed: int, count: int) -> list[Person]:
 
 
 def make_cast(seed: int, new: list[str], *, num_people: int, eval_people: int,
-              new_fact_people: int, background_people: int, openbook_people: int) -> Cast:
+              new_fact_people: int, background_people: int, openbook_people: int,
+              openbook_train_people: int | None = None) -> Cast:
     """Disjoint groups from one pool of distinct names. ``num_people`` are the people of the
     original base text: ``eval_people`` of them (at most half) are original-fact people, the rest
     SFT people."""
     n_eval = max(1, min(eval_people, num_people // 2))
+    n_train = openbook_people if openbook_train_people is None else openbook_train_people
     sizes = [num_people, new_fact_people * len(new), background_people * len(new),
-             openbook_people, openbook_people, _PASSERS]
+             n_train, openbook_people, _PASSERS]
     pool = make_people(seed, sum(sizes))
     _rng(seed, "split").shuffle(pool)
     core, pool = pool[:num_people], pool[num_people:]
@@ -147,9 +149,9 @@ def make_cast(seed: int, new: list[str], *, num_people: int, eval_people: int,
     for tag in new:
         background[tag], pool = pool[:background_people], pool[background_people:]
     return Cast(sft=core[n_eval:], original_fact=core[:n_eval], new_fact=new_fact,
-                background=background, openbook_train=pool[:openbook_people],
-                openbook_eval=pool[openbook_people:2 * openbook_people],
-                passers=[p.name for p in pool[2 * openbook_people:]])
+                background=background, openbook_train=pool[:n_train],
+                openbook_eval=pool[n_train:n_train + openbook_people],
+                passers=[p.name for p in pool[n_train + openbook_people:]])
 
 
 def biography(spec: LanguageSpec, rng: random.Random, person: Person) -> str:
@@ -357,7 +359,9 @@ def build_world(out_dir: str | Path, seed: int = 0, *, arch: str = "llama",
                 eval_people: int = 60, new_fact_people: int = 60,
                 background_people: int = 200, bios_per_person: int = 24,
                 new_language_share: float = 0.05, openbook_people: int = 60,
-                heldout_docs: int = 300) -> WorldSummary:
+                openbook_train_people: int = 600, heldout_docs: int = 300,
+                model_hidden_size: int = 192, model_layers: int = 4,
+                model_intermediate_size: int = 512) -> WorldSummary:
     """Write the whole world into ``out_dir`` (an empty folder the caller commits atomically).
 
     ``original`` are the languages the base knows; every other language of ``languages`` is a
@@ -377,7 +381,8 @@ def build_world(out_dir: str | Path, seed: int = 0, *, arch: str = "llama",
     new = [t for t in tags if t not in original]
     cast = make_cast(seed, new, num_people=num_people, eval_people=eval_people,
                      new_fact_people=new_fact_people, background_people=background_people,
-                     openbook_people=openbook_people)
+                     openbook_people=openbook_people,
+                     openbook_train_people=openbook_train_people)
     known = cast.sft + cast.original_fact
     summary = WorldSummary(
         seed=seed, languages=tags, original=list(original), people=len(known),
@@ -437,13 +442,16 @@ def build_world(out_dir: str | Path, seed: int = 0, *, arch: str = "llama",
         files = {
             "openbook": openbook_rows(spec, cast.openbook_eval, _rng(seed, f"ob:{tag}"), False),
             "closed_original": closed_rows(spec, cast.original_fact, _rng(seed, f"co:{tag}"),
-                                           False),
-            "mc": mc_rows(spec, cast.original_fact if tag in original else cast.new_fact[tag],
-                          _rng(seed, f"mc:{tag}")),
+                                           False, all_forms=True),
+            # cloze on the facts this language's own text holds: the original-fact and SFT
+            # people in an original language's base text, the new-fact and SFT (anchor) people
+            # in a new language's CPT text
+            "mc": mc_rows(spec, (cast.original_fact if tag in original else cast.new_fact[tag])
+                          + cast.sft, _rng(seed, f"mc:{tag}")),
         }
         if tag not in original:
             files["closed_new"] = closed_rows(spec, cast.new_fact[tag], _rng(seed, f"cn:{tag}"),
-                                              False)
+                                              False, all_forms=True)
         for name, rows in files.items():
             _write_jsonl(eval_dir / f"{name}.jsonl", rows)
         summary.eval_items[tag] = {"lm": heldout_docs, **{k: len(v) for k, v in files.items()}}
@@ -456,7 +464,10 @@ def build_world(out_dir: str | Path, seed: int = 0, *, arch: str = "llama",
             summary.instructions[tag] = len(sft)
 
     summary.vocab_size = len(tokenizer)
-    summary.model_parameters = build_tiny_model(tokenizer, root / "model", arch=arch, seed=seed)
+    summary.model_parameters = build_tiny_model(tokenizer, root / "model", arch=arch, seed=seed,
+                                                hidden_size=model_hidden_size,
+                                                num_layers=model_layers,
+                                                intermediate_size=model_intermediate_size)
     summary.paths = {
         "fineweb2": "corpora/fineweb2", "culturax": "corpora/culturax",
         "base_fineweb2": "corpora/base/fineweb2", "instructions": "instructions",
