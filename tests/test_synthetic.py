@@ -133,7 +133,7 @@ def test_instructions_and_eval_items_answer_world_facts(world: Path) -> None:
         people = {"openbook": set(splits["openbook_eval"]),
                   "closed_original": set(splits["original_fact"]),
                   "mc": set(splits["original_fact"] if tag in ORIGINAL
-                            else splits["new_fact"][tag])}
+                            else splits["new_fact"][tag]) | set(splits["sft"])}
         if tag in NEW:
             files["closed_new"] = _jsonl(world / "eval" / tag / "closed_new.jsonl")
             people["closed_new"] = set(splits["new_fact"][tag])
@@ -145,10 +145,14 @@ def test_instructions_and_eval_items_answer_world_facts(world: Path) -> None:
             assert [m["role"] for m in train[0]["messages"]] == ["user", "assistant"]
             assert train[0]["messages"][1]["content"] == train[0]["answer"]
             files["train"] = train
+        # closed-book questions take every question form of every attribute; open-book and
+        # cloze one item per attribute
+        forms = sum(len(spec.questions[a]) for a in ATTRIBUTES)
         for name, rows in files.items():
             if name != "train":
                 assert {r["person"] for r in rows} == people[name], (tag, name)
-                assert len(rows) == 5 * len(people[name])
+                per_person = forms if name.startswith("closed") else 5
+                assert len(rows) == per_person * len(people[name]), (tag, name)
             for row in rows:
                 assert row["answer"] == spec.values[row["attribute"]][facts[row["person"]][
                     row["attribute"]]]

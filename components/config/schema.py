@@ -5,22 +5,15 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
-    PrivateAttr,
     SecretStr,
-    SerializationInfo,
-    SerializerFunctionWrapHandler,
     ValidationInfo,
     field_validator,
-    model_serializer,
     model_validator,
 )
 
 from components.config.names import (
     Baseline,
-    DenseType,
     GraftMethod,
     LangTag,
     SourceFormat,
@@ -28,25 +21,9 @@ from components.config.names import (
     VariantName,
     _lang_tag,
     _MaskedOptions,
-    mask_paths,
 )
-
-
-class _Section(BaseModel):
-    """Base of every section: unknown keys are errors, values are immutable once loaded.
-    ``_secret_paths`` are the key paths (set by the loader) whose values came from a
-    credential-named ``${VAR}``: a JSON dump masks them."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    _secret_paths: tuple[tuple[Any, ...], ...] = PrivateAttr(default=())
-
-    @model_serializer(mode="wrap")
-    def _mask_interpolated(self, handler: SerializerFunctionWrapHandler,
-                           info: SerializationInfo) -> Any:
-        data = handler(self)
-        if self._secret_paths and info.mode_is_json():
-            data = mask_paths(data, self._secret_paths)
-        return data
+from components.config.section import _Section
+from components.config.world import WorldConfig
 
 
 class ModelsConfig(_Section):
@@ -396,67 +373,6 @@ class ResourcesConfig(_Section):
         "ray: Ray Train TorchTrainer over num_workers workers; inline: the same training loop "
         "in the driver process as one rank (tiny CPU runs, no ~25 s Ray Train setup); spawn: "
         "num_workers local processes in one torch process group, without Ray (one machine)"))
-
-
-class WorldConfig(_Section):
-    """The synthetic demo world; when set it makes the model pair if ``models`` is absent."""
-
-    seed: int = 0
-    arch: DenseType = "llama"
-    languages: list[LangTag] = Field(
-        default_factory=lambda: ["eng_Latn", "deu_Latn", "swh_Latn", "rus_Cyrl"], description=(
-            "languages the world writes (of eng_Latn, deu_Latn, swh_Latn, tur_Latn, rus_Cyrl); "
-            "must hold the run's languages"))
-    original: list[LangTag] = Field(
-        default_factory=lambda: ["eng_Latn", "deu_Latn"], min_length=1, description=(
-            "the languages the base knows (keep it equal to the run's languages.original); the "
-            "others are new"))
-    num_people: int = Field(60, ge=8, description=(
-        "people of the original languages' base text: eval_people of them are asked about "
-        "(synthetic_closed_original), the rest are the SFT people"))
-    eval_people: int = Field(20, ge=1, description=(
-        "original-fact people (at most num_people / 2); every question form of every attribute "
-        "(15 questions each)"))
-    new_fact_people: int = Field(20, ge=1, description=(
-        "per new language, people whose facts are only in its CPT corpus (synthetic_closed_new,"
-        " 15 questions each)"))
-    background_people: int = Field(200, ge=0, description=(
-        "per new language, never-evaluated people of its small share of the base text"))
-    bios_per_person: int = Field(24, ge=1, description=(
-        "biographies (paraphrased) of every original-language person in each original "
-        "language's base text: how often the base sees each fact"))
-    new_language_share: float = Field(0.05, ge=0.0, lt=1.0, description=(
-        "share of the base's pre-training tokens in the new languages (split evenly), from "
-        "text that is not their CPT text and holds no evaluated fact"))
-    openbook_people: int = Field(60, ge=1, description=(
-        "invented people, in no corpus, whose biographies are synthetic_openbook's contexts "
-        "(5 questions each)"))
-    openbook_train_people: int = Field(600, ge=1, description=(
-        "as many other invented people for post-training's open-book rows: so many that the "
-        "answers cannot be memorised and copying from the context is what is learnt"))
-    heldout_docs: int = Field(300, ge=1, description=(
-        "fact-free held-out documents per language (synthetic_lm)"))
-    docs_per_language: int = Field(800, ge=10, description=(
-        "CPT documents per language (biographies: two thirds new-fact, one third SFT people; "
-        "an original language replays this many of its base documents)"))
-    vocab_size: int = Field(4096, ge=300, description=(
-        "tokenizer vocabulary at most (merges need 100 occurrences in the base text, so the "
-        "world's small text may stop below it)"))
-    base_steps: int = Field(300, ge=0, description=(
-        "pre-training steps that make the demo's base (models/base) from the world's random "
-        "model on the original languages; 0 takes the random model itself as the base"))
-    model_hidden_size: int = Field(192, ge=16, description="the tiny base's hidden size")
-    model_layers: int = Field(4, ge=1, description="its decoder layers")
-    model_intermediate_size: int = Field(512, ge=16, description="its FFN width")
-    base_lr: float = Field(3e-3, gt=0.0, description=(
-        "peak learning rate of the base's pre-training (continued pre-training, train.lr, "
-        "stays below it, as it does for real bases)"))
-    post_steps: int = Field(150, ge=1, description=(
-        "supervised fine-tuning steps that make the post-trained sibling (models/post) on the "
-        "original languages' instruction data"))
-    post_lr: float = Field(3e-4, gt=0.0, description=(
-        "peak learning rate of that fine-tuning (train.lr is for continued pre-training; "
-        "post-training takes a smaller one, as real instruct models do)"))
 
 
 class RunConfig(_Section):
