@@ -149,9 +149,10 @@ def markdown_table(agg: Mapping[str, Mapping[Key, Cell]], digits: int = 3,
     for label, value in (("*chance*", None), ("*ceiling*", 1.0)):
         if not chance:
             break
+        measured = {key for cells in agg.values() for key in cells}
         row = [label] + [f"{(chance[f'{task}/{metric}'] if value is None else value):.{digits}f}"
-                         if f"{task}/{metric}" in chance else "—"
-                         for task, metric in columns for _ in GROUPS]
+                         if f"{task}/{metric}" in chance and (task, metric, group) in measured
+                         else "—" for task, metric in columns for group in GROUPS]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
