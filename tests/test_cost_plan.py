@@ -19,8 +19,10 @@ from workflows.cli import cli
 
 CONFIGS = Path(__file__).resolve().parents[1] / "workflows" / "configs"
 SHAPES = CONFIGS / "shapes"
+# run configs only: a comparison plan (*.gates.yaml) is not one
 RECIPES = sorted(p for p in CONFIGS.glob("*.yaml") if p.name not in ("demo.yaml",
-                                                                     "reproduce.yaml"))
+                                                                     "reproduce.yaml")
+                 and not p.name.endswith(".gates.yaml"))
 LLAMA = CONFIGS / "llama3.1-8b-swahili-thai.yaml"
 ENV = {"DELTAMOE_RUNS": "s3://bucket/deltamoe/runs", "MLFLOW_TRACKING_URI": "http://mlflow:5000",
        "HF_TOKEN": "hf_test"}

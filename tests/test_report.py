@@ -68,7 +68,7 @@ def test_report_tables_figures_lineage_and_artifact(tmp_path: Path) -> None:
     # the configuration and the legend of the variants, from the registry's help texts
     config = html[html.index('id="config"'):html.index('id="legend"')]
     assert "synthetic world (llama): models/base + models/post" in config
-    assert "60 steps, sequences of 256" in config and "swh_Latn: 1, 2" in config
+    assert "60 steps, sequences of 128" in config and "swh_Latn: 1, 2" in config
     assert "original (eng_Latn, deu_Latn): 0" in config
     assert "DeltaMoE: CPT-MoE + Expand(Δpost), the method itself" in html
     assert "its post-trained (instruct) sibling, as given" in html
