@@ -63,6 +63,12 @@ def test_missing_cells_are_marked_not_invented() -> None:
     table = markdown_table(agg)
     base_line = next(line for line in table.splitlines() if line.startswith("| base"))
     assert base_line.split("|")[2:4] == [" 0.100 ", " — "]
+    # reference rows: chance and ceiling only under a column some variant measured
+    only_original = aggregate([{"base": _rows({"eng_Latn": 0.1}, {})}], ORIG, NEW)
+    lines = markdown_table(only_original, chance={"synthetic_instruct/exact_match": 0.25})
+    chance, ceiling = lines.splitlines()[-2:]
+    assert chance.split("|")[1:4] == [" *chance* ", " 0.250 ", " — "]
+    assert ceiling.split("|")[1:4] == [" *ceiling* ", " 1.000 ", " — "]
 
 
 def test_seed_replicates_differ_only_where_they_must() -> None:
