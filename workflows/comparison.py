@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from components.evaluate.gates import ComparisonPlan, GateResult, split_cell, split_metric
+from components.evaluate.results import higher_is_better
 from components.evaluate.stats import (
     Interval,
     ItemScores,
@@ -34,13 +35,6 @@ from workflows.evaluate_stage import LMEVAL, PARTS
 # (variant, task, metric) → lang → that variant's items in one seed
 SeedItems = dict[tuple[str, str, str], dict[str, ItemScores]]
 Cells = Mapping[tuple[str, str, str, str], float]
-
-LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "loss")
-
-
-def higher_is_better(metric: str) -> bool:
-    return not any(m in metric for m in LOWER_IS_BETTER)
-
 
 def samples_file(run_local: Path, variant: str, task: str, lang: str) -> Path | None:
     """lm-eval's samples of ``task`` in ``lang`` for ``variant``, whichever call wrote them."""
@@ -82,7 +76,7 @@ class PairedRow:
         """True/False when the bootstrap interval excludes zero, None when it does not."""
         if not self.bootstrap.excludes_zero():
             return None
-        better = self.bootstrap.low > 0 if higher_is_better(self.metric) else \
+        better = self.bootstrap.low > 0 if higher_is_better(split_metric(self.metric)[1]) else \
             self.bootstrap.high < 0
         return better
 

@@ -26,6 +26,7 @@ import yaml
 
 from components.config import ConfigError, RunConfig
 from components.evaluate.gates import ComparisonPlan, GateResult
+from components.evaluate.results import higher_is_better
 from components.storage import RunDir, fingerprint
 from components.tracking import ExpansionTracker, resolve_tracking_uri
 from components.variants import VARIANTS
@@ -50,7 +51,6 @@ STAGE = "reproduce"
 GROUPS = ("original", "new")
 # The order rows appear in: the registry's (the model pair, the dense route, the MoE route).
 VARIANT_ORDER = tuple(VARIANTS)
-LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "byte_perplexity", "word_perplexity", "loss")
 
 Rows = Sequence[Mapping[str, Any]]
 Key = tuple[str, str, str]  # (task, metric, group)
@@ -127,7 +127,7 @@ def _ordered(variants: Iterable[str]) -> list[str]:
 
 
 def _arrow(metric: str) -> str:
-    return "↓" if any(m in metric for m in LOWER_IS_BETTER) else "↑"
+    return "↑" if higher_is_better(metric) else "↓"
 
 
 def markdown_table(agg: Mapping[str, Mapping[Key, Cell]], digits: int = 3,

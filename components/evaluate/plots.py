@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from components.evaluate.results import LOWER_IS_BETTER, ResultRow, language_averages
+from components.evaluate.results import ResultRow, higher_is_better, language_averages
 
 __all__ = ["plot_drift", "plot_group_averages", "plot_language_scores", "plot_routing"]
 
@@ -38,7 +38,7 @@ def plot_language_scores(evaluated: Mapping[str, Sequence[ResultRow]], task: str
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(languages) * max(1, len(values)) / 3), 4))
     _bars(ax, list(languages), {v: [by.get(lang) for lang in languages]
                                 for v, by in values.items()})
-    arrow = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
+    arrow = "higher is better" if higher_is_better(metric) else "lower is better"
     ax.set_title(f"{task}: {metric} per language ({arrow})")
     ax.set_ylabel(metric)
     fig.tight_layout()

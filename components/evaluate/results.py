@@ -21,6 +21,7 @@ __all__ = [
     "ResultRow",
     "comparison_rows",
     "comparison_table",
+    "higher_is_better",
     "language_averages",
     "merge_rows",
     "read_results",
@@ -35,8 +36,15 @@ PRIMARY_METRIC = {
     "synthetic_mc": "acc",
     "perplexity": "bits_per_byte", "flores": "chrf", "mgsm": "exact_match",
 }
-LOWER_IS_BETTER = frozenset({"bits_per_byte", "word_perplexity", "byte_perplexity", "ter"})
+LOWER_IS_BETTER = frozenset({"bits_per_byte", "word_perplexity", "byte_perplexity", "perplexity",
+                             "ter"})
 _DEFAULT_PRIMARY = "acc"
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of lm-eval metric ``metric`` is better (the one rule every table,
+    arrow and paired comparison reads)."""
+    return metric not in LOWER_IS_BETTER
 
 
 @dataclass(frozen=True)
@@ -150,7 +158,7 @@ def comparison_table(evaluated: Mapping[str, Sequence[ResultRow]], original: Seq
     cells = {(r["variant"], r["task"], r["metric"]): r for r in flat}
     header = ["variant"]
     for task, metric in columns:
-        arrow = "↓" if metric in LOWER_IS_BETTER else "↑"
+        arrow = "↑" if higher_is_better(metric) else "↓"
         header += [f"{task} {metric}{arrow} orig", f"{task} {metric}{arrow} new"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for variant in evaluated:
