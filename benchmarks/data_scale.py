@@ -6,8 +6,8 @@ text; defaults 104 and 416, with 5 % exact and 2 % near duplicates planted acros
 BPE tokenizer trained on a sample are built once under ``--cache`` (default
 ``~/.cache/deltamoe-bench/data_scale``, outside the repository) and reused. Each size runs in
 its own process (so each driver's peak RSS is its own) on a fresh local Ray instance; while the
-stage runs, a sampler polls the resident memory of every Ray worker process. A third process
-reads the large corpus's text with pyarrow and encodes it with raw ``tokenizers``
+stage runs, a sampler polls the peak resident memory of the run's Ray worker processes. A third
+process reads the large corpus's text with pyarrow and encodes it with raw ``tokenizers``
 (``encode_batch_fast``, all cores) — the floor of any tokenizing pipeline.
 
 Prints, per size: stage seconds, tokens, driver peak RSS, largest worker peak RSS; then
@@ -31,6 +31,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -131,8 +132,23 @@ def raw_tokens_per_s(root: Path, tokenizer: Path) -> tuple[float, int]:
     return tokens / (time.perf_counter() - started), tokens
 
 
+def _peak_rss(proc: Any) -> int:
+    """The process's peak resident memory so far (Linux ``VmHWM``), else its current RSS."""
+    try:
+        with open(f"/proc/{proc.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return proc.memory_info().rss
+
+
 class _WorkerRSS(threading.Thread):
-    """Polls the RSS of every Ray worker process (``ray::`` command lines) every 0.2 s."""
+    """Polls the peak RSS of this run's Ray worker processes (``ray::`` descendants of this
+    process: another Ray instance on the machine is not counted) every 0.5 s. The kernel's
+    high-water mark holds each process's peak between polls, so polling seldom loses nothing
+    and leaves the CPUs to the stage being timed."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
@@ -142,12 +158,15 @@ class _WorkerRSS(threading.Thread):
     def run(self) -> None:
         import psutil
 
+        me = psutil.Process()
         while not self.stop.is_set():
-            for p in psutil.process_iter(["cmdline", "memory_info"]):
-                cmd = " ".join(p.info["cmdline"] or [])
-                if cmd.startswith("ray::") and p.info["memory_info"] is not None:
-                    self.peak = max(self.peak, p.info["memory_info"].rss)
-            time.sleep(0.2)
+            for p in me.children(recursive=True):
+                try:
+                    if " ".join(p.cmdline()).startswith("ray::"):
+                        self.peak = max(self.peak, _peak_rss(p))
+                except psutil.Error:  # ended between listing and reading
+                    continue
+            self.stop.wait(0.5)
 
 
 def measure(corpus: Path, tokenizer: Path, raw: bool, minhash: bool) -> dict[str, float]:

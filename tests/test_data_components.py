@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import unicodedata
 
 import fsspec
@@ -24,6 +25,7 @@ from components.data.lsh import band_hashes, bucket_edges, connected_components,
 from components.data.mix import mix_shares, plan_mix
 from components.data.pack import LanguageQuota, SequencePacker, ShardWriter, with_eos
 from components.data.readers import DOC_SCHEMA, JsonlReader, repair_utf8, resolve_source
+from components.data.textops import collapse_whitespace
 from components.data.tokenize import TokenizeBatch, token_lists
 
 # ----------------------------------------------------------------------------- filters
@@ -87,6 +89,20 @@ def test_filters_off_when_none() -> None:
 
 
 # ----------------------------------------------------------------------------- dedup
+
+
+def test_collapse_whitespace_is_every_run_to_one_space() -> None:
+    """The kernel matches only runs that change (two or more, or one non-space): its output is
+    a plain ``[\\t\\n\\f\\r ]+`` → space, and other Unicode spaces (NBSP, \\v) stay."""
+    rng = random.Random(3)
+    pieces = ["a", "bc", "ж", "中", " ", "  ", "\t", "\n", "\r\n", "\f", "\v", "\u00a0",
+              "\u2003", " \n ", ""]
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randrange(0, 30)))
+             for _ in range(2000)] + ["", " ", "\n\n", "x"]
+    expected = [re.sub(r"[\t\n\f\r ]+", " ", t) for t in texts]
+    assert collapse_whitespace(pa.array(texts)).to_pylist() == expected
+
+
 
 
 def test_exact_hash_ignores_case_and_spacing_only() -> None:

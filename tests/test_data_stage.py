@@ -217,6 +217,57 @@ def test_plain_parquet_source_with_minhash_near_dedup(world: Path, tmp_path: Pat
     assert set(pq.read_table(tmp_path / "out" / "train").column("source").to_pylist()) == {"p"}
 
 
+def test_a_units_own_repeats_are_dropped_before_tokenizer_and_shuffle(
+        world: Path, tmp_path: Path) -> None:
+    """The unit worker drops a repeat of one of its unit's earlier documents (normalised text,
+    same language) itself and counts it; it reaches neither the token files nor the shuffle.
+    The same text in another language is no repeat in the default per-language scope."""
+    from dataclasses import asdict
+
+    import pyarrow as pa
+
+    from components.data.docops import UnitWorker
+    from components.data.readers import resolve_source
+    from components.data.tokenize import load_tokenizer
+
+    texts = ["habari rafiki leo", "kitabu sana", "HABARI  rafiki\nleo", "maji shule",
+             "kitabu sana"]
+    pq.write_table(pa.table({"body": texts, "code": ["sw", "sw", "sw", "sw", "en"]}),
+                   tmp_path / "c.parquet")
+    cfg = DataConfig.model_validate({
+        "sources": [{"name": "p", "format": "parquet", "path": str(tmp_path / "c.parquet"),
+                     "text_column": "body", "language_column": "code"}],
+        "filters": {"min_chars": None, "max_non_alpha_fraction": None}})
+    langs = ["swh_Latn", "eng_Latn"]
+    plans = [resolve_source(cfg.sources[0], langs, None)]
+    work = tmp_path / "work"
+    worker = UnitWorker(cfg, langs, plans, load_tokenizer(world / "model").json, str(work), {},
+                        1, 0, 1)
+    counts = worker(pa.Table.from_pylist([asdict(u) for u in plans[0].units(0, 2**30)]))
+    drops = {(r["lang"], r["detail"]): r["n"] for r in counts.to_pylist() if r["kind"] == "drop"}
+    assert drops == {("swh_Latn", "exact_duplicate"): 1}
+    rows = {lang: (pq.read_table(work / "docs" / lang).column("key").to_numpy() & 0xFFFFFFFF)
+            .tolist() for lang in langs}
+    assert rows == {"swh_Latn": [0, 1, 3], "eng_Latn": [4]}
+    shuffled = pq.read_table(work / "exact").column("key").to_numpy() & 0xFFFFFFFF
+    assert sorted(shuffled.tolist()) == [0, 1, 3, 4]
+
+
+def test_unit_counts_are_summed_by_a_running_tree_of_tasks(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyarrow as pa
+
+    import components.data.pipeline as pipeline
+    from components.data.docops import COUNT_SCHEMA
+
+    monkeypatch.setattr(pipeline, "_SUM_FAN_IN", 2)  # five blocks: three folds, then the last
+    blocks = [pa.table({"kind": ["in", "drop"], "lang": ["a", "b"], "detail": ["", "x"],
+                        "n": [i, 10 * i]}, schema=COUNT_SCHEMA) for i in range(1, 6)]
+    rows = ray.get(pipeline._total(ray.put(b) for b in blocks))
+    assert rows == [{"kind": "drop", "lang": "b", "detail": "x", "n": 150},
+                    {"kind": "in", "lang": "a", "detail": "", "n": 15}]
+
+
 @pytest.mark.parametrize(("case", "message"), [
     ("missing_path", r"source 'w': path .*nowhere does not exist"),
     ("missing_column", r"column 'body' not in .*parquet"),

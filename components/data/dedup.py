@@ -2,13 +2,12 @@
 
 Exact: a 128-bit BLAKE2b of the normalised text (lower case, whitespace runs collapsed), so
 copies that differ only in spacing or case are one document. Hashes are computed by the Ray
-workers; the keep/drop decision needs every earlier document, so the driver makes it in one
-ordered pass over 16-byte hashes.
+workers, which also drop a work unit's own repeats; the first occurrence across units is the
+exact-dedup shuffle's (:mod:`components.data.shuffle`).
 
 Near: MinHash over word 5-gram shingles with banded LSH (the datasketch scheme, in ~60 lines of
-numpy so no extra dependency): signatures are computed by the workers, the driver keeps an LSH
-index of kept documents and drops a document whose estimated Jaccard similarity with an indexed
-candidate reaches the threshold.
+numpy so no extra dependency): signatures are computed by the workers, band buckets and
+duplicate clusters by the shuffle's later steps (:mod:`components.data.lsh`).
 """
 
 from __future__ import annotations
@@ -22,8 +21,10 @@ import pyarrow.compute as pc
 
 from components.data.textops import collapse_whitespace
 
-__all__ = ["MinHasher", "exact_hashes", "lsh_params", "normalize"]
+__all__ = ["EXACT_DUPLICATE", "MinHasher", "exact_hashes", "lsh_params", "normalize"]
 
+#: the drop reason of an exact duplicate (the unit workers and the shuffle both give it)
+EXACT_DUPLICATE = "exact_duplicate"
 _SHINGLE = 5
 _MASK32 = np.uint64(0xFFFFFFFF)
 

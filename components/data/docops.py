@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from components.config import DataConfig
-from components.data.dedup import MinHasher, exact_hashes, normalize
+from components.data.dedup import EXACT_DUPLICATE, MinHasher, exact_hashes, normalize
 from components.data.errors import DataError
 from components.data.filters import QualityFilter
 from components.data.lid import LanguageTagger
@@ -54,6 +54,7 @@ DOCS_SCHEMA = pa.schema([("key", pa.int64()), ("input_ids", pa.list_(pa.int32())
 COUNT_SCHEMA = pa.schema([("kind", pa.string()), ("lang", pa.string()),
                           ("detail", pa.string()), ("n", pa.int64())])
 _FILE_BITS, _ROW_BITS = 24, 32
+_SEEN_LIMIT = 1 << 18  # exact hashes a unit remembers for its own repeats (~20 MB)
 
 
 def doc_key(source: int, file: int, row: np.ndarray) -> np.ndarray:
@@ -148,20 +149,23 @@ class UnitWorker:
         sinks = _Sinks(self.fs)
         name = f"{unit.source:03d}-{unit.file:08d}-{unit.first_group:06d}"
         first: dict[str, int] = {}
+        seen: set[bytes] = set()
         try:
             for row, docs in plan.documents(unit, self.data.batch_size,
                                             cluster_size=bool(self.data.rehydrate)):
                 keys = doc_key(unit.source, unit.file,
                                np.arange(row, row + docs.num_rows, dtype=np.int64))
-                kept = self._batch(docs, counts)
+                kept = self._batch(docs, counts, seen)
                 if not len(kept["keep"]):
                     continue
                 self._write(kept, keys, unit.source, name, first, sinks, counts)
         finally:
             sinks.close()
 
-    def _batch(self, docs: pa.Table, counts: Counter[tuple[str, str, str]]) -> dict[str, Any]:
-        """Tag, filter, count; then hash and tokenize only what is kept."""
+    def _batch(self, docs: pa.Table, counts: Counter[tuple[str, str, str]],
+               seen: set[bytes]) -> dict[str, Any]:
+        """Tag, filter, count; then hash, drop the unit's own repeats, and MinHash and tokenize
+        only what is left (``seen``: the exact hashes of the unit's earlier documents)."""
         texts = docs.column("text").combine_chunks()
         long = np.zeros(docs.num_rows, dtype=bool)
         if self.cut is not None:  # before LID and the regexes: they cost per byte
@@ -171,7 +175,9 @@ class UnitWorker:
                 docs = docs.set_column(0, "text", texts)
         docs = self.tagger(docs)
         langs = docs.column("lang").to_pylist()
-        collapsed = collapse_whitespace(texts)
+        # the whole batch's whitespace pass only when a filter reads it; else the dedup
+        # normalisation makes it for the kept documents alone
+        collapsed = collapse_whitespace(texts) if self.filter.reads_collapsed else None
         quality = self.filter.reasons(texts, langs, collapsed)
         quality = ["max_chars" if c else q for q, c in zip(quality, long, strict=True)]
         drops = [d or q for d, q in zip(docs.column("drop").to_pylist(), quality, strict=True)]
@@ -199,22 +205,54 @@ class UnitWorker:
         out: dict[str, Any] = {"keep": keep}
         if not len(keep):
             return out
-        idx = pa.array(keep)
-        sub = docs.take(idx).set_column(docs.schema.get_field_index("drop"), "drop",
-                                        pa.array([""] * len(keep), pa.string()))
-        sub_texts = texts.take(idx)
+        sub_texts = texts.take(pa.array(keep))
         if self.dedup:
-            normalized = normalize(sub_texts, collapsed.take(idx))
+            normalized = normalize(sub_texts, None if collapsed is None
+                                   else collapsed.take(pa.array(keep)))
             if self.data.dedup.exact:
                 digest = exact_hashes(sub_texts, normalized)
-                out["h"] = np.frombuffer(digest.buffers()[1], dtype="<u8").reshape(-1, 2)
+                fresh = self._first_in_unit(digest, [langs[i] for i in keep], seen, counts)
+                if not fresh.all():
+                    mask = pa.array(fresh)
+                    keep, sub_texts = keep[fresh], sub_texts.filter(mask)
+                    normalized, digest = normalized.filter(mask), digest.filter(mask)
+                    out["keep"] = keep
+                    if not len(keep):
+                        return out
+                out["h"] = np.frombuffer(digest.buffers()[1], dtype="<u8",
+                                         count=2 * len(digest),
+                                         offset=16 * digest.offset).reshape(-1, 2)
             if self.minhash is not None:
                 out["minhash"] = self.minhash.signatures(sub_texts, normalized)
+        sub = docs.take(pa.array(keep)).set_column(docs.schema.get_field_index("drop"), "drop",
+                                                   pa.array([""] * len(keep), pa.string()))
         out["ids"] = self.tokenize(sub).column("input_ids").combine_chunks()
         out["lang"] = [langs[i] for i in keep]
         out["label"], out["lid"] = [labels[i] for i in keep], [lids[i] for i in keep]
         out["copies"] = copies[keep]
         return out
+
+    def _first_in_unit(self, digest: pa.Array, langs: list[str], seen: set[bytes],
+                       counts: Counter[tuple[str, str, str]]) -> np.ndarray:
+        """Which documents no earlier document of the unit repeats (same hash and scope).
+
+        A repeat is an exact duplicate whatever the other units hold: the unit's rows are in key
+        order, so the earlier copy has the smaller key. It is dropped and counted here, before
+        the MinHash, the tokenizer and the shuffle spend anything on it (a map-side combine;
+        the shuffle still settles repeats across units). ``seen`` stops growing at
+        :data:`_SEEN_LIMIT` hashes (memory stays bounded on a huge unit; later repeats are left
+        to the shuffle).
+        """
+        by_language = self.data.dedup.scope == "language"
+        fresh = np.ones(len(langs), dtype=bool)
+        for i, (h, lang) in enumerate(zip(digest.to_pylist(), langs, strict=True)):
+            key = (lang.encode() + h) if by_language else h
+            if key in seen:
+                fresh[i] = False
+                counts["drop", lang, EXACT_DUPLICATE] += 1
+            elif len(seen) < _SEEN_LIMIT:
+                seen.add(key)
+        return fresh
 
     def _write(self, kept: dict[str, Any], keys: np.ndarray, source: int, name: str,
                first: dict[str, int], sinks: _Sinks, counts: Counter[tuple[str, str, str]]) \

@@ -60,6 +60,15 @@ class QualityFilter:
     def __init__(self, filters: FiltersConfig, languages: Sequence[str]) -> None:
         self.default = thresholds_for(filters, "")
         self.per_language = {tag: thresholds_for(filters, tag) for tag in languages}
+        every = [self.default, *self.per_language.values()]
+        #: thresholds some language sets: a signal no language reads is not computed
+        self.on = {name for name in FilterThresholds.model_fields
+                   if any(getattr(t, name) is not None for t in every)}
+
+    @property
+    def reads_collapsed(self) -> bool:
+        """Whether :meth:`reasons` reads the whitespace-collapsed text (the non-letter share)."""
+        return "max_non_alpha_fraction" in self.on
 
     def _column(self, langs: list[str], name: str) -> np.ndarray:
         """Per-row threshold (NaN where the filter is off for the row's language)."""
@@ -77,24 +86,27 @@ class QualityFilter:
         exact-dedup hash needs it too): the regex pass over every byte is the costly part.
         """
         n = len(texts)
-        if collapsed is None:
-            collapsed = collapse_whitespace(texts)
         chars = pc.utf8_length(pc.utf8_trim_whitespace(texts)).to_numpy(zero_copy_only=False)
-        # Every whitespace run is one space in `collapsed`: characters minus spaces are the
-        # non-space characters. Non-letters are counted as single-character matches of the
-        # complement class (whitespace is in the class, so collapsing changes nothing).
-        nonspace = (pc.utf8_length(collapsed).to_numpy(zero_copy_only=False)
-                    - pc.count_substring(collapsed, " ").to_numpy(zero_copy_only=False))
-        other = pc.count_substring_regex(collapsed, r"[^\p{L}\p{M}\s]").to_numpy(
-            zero_copy_only=False)
-        non_alpha = np.where(nonspace > 0, other / np.maximum(nonspace, 1), 1.0)
-        multiline = pc.greater(pc.count_substring(texts, "\n"), 0).to_numpy(
-            zero_copy_only=False)
+        non_alpha = np.zeros(n)
+        if self.reads_collapsed:
+            if collapsed is None:
+                collapsed = collapse_whitespace(texts)
+            # Every whitespace run is one space in `collapsed`: characters minus spaces are the
+            # non-space characters. Non-letters are counted as single-character matches of the
+            # complement class (whitespace is in the class, so collapsing changes nothing).
+            nonspace = (pc.utf8_length(collapsed).to_numpy(zero_copy_only=False)
+                        - pc.count_substring(collapsed, " ").to_numpy(zero_copy_only=False))
+            other = pc.count_substring_regex(collapsed, r"[^\p{L}\p{M}\s]").to_numpy(
+                zero_copy_only=False)
+            non_alpha = np.where(nonspace > 0, other / np.maximum(nonspace, 1), 1.0)
         dup = np.zeros(n)
-        if multiline.any():
-            py = texts.to_pylist()
-            for i in np.flatnonzero(multiline):
-                dup[i] = duplicate_line_fraction(py[i])
+        if "max_duplicate_line_fraction" in self.on:
+            multiline = pc.greater(pc.count_substring(texts, "\n"), 0).to_numpy(
+                zero_copy_only=False)
+            if multiline.any():
+                py = texts.to_pylist()
+                for i in np.flatnonzero(multiline):
+                    dup[i] = duplicate_line_fraction(py[i])
         checks = (
             ("min_chars", chars < self._column(langs, "min_chars")),
             ("max_chars", chars > self._column(langs, "max_chars")),

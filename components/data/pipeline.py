@@ -3,7 +3,8 @@
 1. **Map** (:mod:`components.data.docops`, a Ray Data actor pool over work units): read, drop
    over-long documents, language ID, quality filters, hashes, MinHash, tokenize; kept tokens go
    to ``_work/docs/<lang>/`` and dedup rows to their shuffle partition, straight from workers.
-   The per-unit counts are summed by a Ray Data group-by: the driver receives the totals.
+   The per-unit counts are summed by Ray tasks over the map's output blocks (the driver
+   holds their references, never their rows): the driver receives the totals.
 2. **Dedup** (:mod:`components.data.shuffle`, Ray tasks): exact first occurrences per hash
    partition, then MinHash band buckets, then duplicate clusters per scope.
 3. **Mix**: planned in the driver from the per-language token totals (counts only).
@@ -24,12 +25,13 @@ import logging
 import pickle
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import fsspec
+import pyarrow as pa
 
 from components.config import DataConfig
 from components.data.dedup import lsh_params
@@ -54,7 +56,11 @@ UNUSED_WARNING = 0.10  # share of kept tokens in no shard above which the stage 
 _SHARD_BYTES = 64 * 2**20
 _BLOCK_BYTES = 8 * 2**20  # a parquet file above this is split into several work units
 _PARTITION_BYTES = 512 * 2**20  # input bytes per dedup shuffle partition
-_TASK_CPUS = 0.5
+_ACTOR_CPUS = 0.5  # per unit worker: the rest of its CPU is left to the count-summing task
+# per reduce, sum or pack task: each is one Python thread, and on a small machine fewer
+# processes at once start sooner (the four packers on 2 CPUs spent seconds starting workers)
+_TASK_CPUS = 1.0
+_SUM_FAN_IN = 256  # count blocks one summing task takes: a tree of sums past that
 
 
 def _pool(requested: int | None, units: int) -> tuple[int, int]:
@@ -63,7 +69,7 @@ def _pool(requested: int | None, units: int) -> tuple[int, int]:
     One single-threaded actor per CPU by default: the filters, hashes and language ID are one
     Python thread, so two one-thread actors on 2 cores beat one two-thread actor. No more
     actors than work units (each is a fresh process importing Ray Data: seconds), never more
-    than CPUs (half-CPU actors leave the rest to the count aggregation).
+    than CPUs (half-CPU actors leave room for the task summing their counts).
     """
     import ray
 
@@ -131,9 +137,44 @@ def _map(data: DataConfig, languages: list[str], plans: list[SourceFiles], tok_j
             "data": data, "languages": languages, "plans": plans, "tokenizer_json": tok_json,
             "work": work, "storage_options": opts, "partitions": partitions, "seed": seed,
             "tokenizer_threads": threads}, batch_size=1, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=_TASK_CPUS)
-        rows = driver.take(counts.groupby(["kind", "lang", "detail"]).sum("n").take_all())
-    return {(r["kind"], r["lang"], r["detail"]): int(r["sum(n)"]) for r in rows}
+            compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=_ACTOR_CPUS)
+        total = _total(ref for bundle in counts.iter_internal_ref_bundles()
+                       for ref in bundle.block_refs)
+    return {(r["kind"], r["lang"], r["detail"]): r["n"] for r in driver.get(total)}
+
+
+def _sum_counts(*tables: pa.Table) -> pa.Table:
+    """One table of counts per (kind, lang, detail), sorted: the sum of ``tables``."""
+    summed = pa.concat_tables(tables).group_by(["kind", "lang", "detail"]).aggregate(
+        [("n", "sum")])
+    return summed.rename_columns(["kind", "lang", "detail", "n"]).sort_by(
+        [("kind", "ascending"), ("lang", "ascending"), ("detail", "ascending")])
+
+
+def _total(blocks: Iterable[Any]) -> Any:
+    """A task returning the summed counts of the map's output ``blocks`` (object refs, as the
+    map yields them), as rows.
+
+    A running sum: every :data:`_SUM_FAN_IN` blocks fold into one task, and the first block at
+    once, so the summing worker starts while the map still runs (a Ray Data group-by waited
+    for its hash-shuffle aggregator actors after the map: seconds per run). The counts have a
+    few hundred distinct keys whatever the corpus size; the warm worker then runs the dedup.
+    """
+    import ray
+
+    task = ray.remote(_sum_counts).options(num_cpus=_TASK_CPUS)
+    pending: list[Any] = []
+    folded = False
+    for ref in blocks:
+        pending.append(ref)
+        if not folded or len(pending) == _SUM_FAN_IN:
+            pending, folded = [task.remote(*pending)], True
+    return ray.remote(_count_rows).options(num_cpus=_TASK_CPUS).remote(*pending)
+
+
+def _count_rows(*tables: pa.Table) -> list[dict[str, Any]]:
+    """The last sum of :func:`_total`, as the rows the driver reads."""
+    return _sum_counts(*tables).to_pylist()
 
 
 def _dedup(data: DataConfig, languages: list[str], work: str, opts: dict[str, Any],

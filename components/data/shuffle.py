@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from components.data.dedup import EXACT_DUPLICATE
 from components.data.lsh import band_hashes, bucket_edges, connected_components, first_occurrences
 
 __all__ = ["bucket_reduce", "cluster_reduce", "exact_reduce", "list_parquet", "read_all"]
@@ -87,7 +88,7 @@ def exact_reduce(work: str, storage_options: dict[str, Any], partition: int,
     col = {n: table.column(n).to_numpy() for n in ("scope", "h1", "h2", "key", "lang", "ntok")}
     keep = (first_occurrences(col["scope"], col["h1"], col["h2"], col["key"]) if exact
             else np.ones(table.num_rows, dtype=bool))
-    counts = _drops(fs, root, f"x{partition:05d}", "exact_duplicate", languages,
+    counts = _drops(fs, root, f"x{partition:05d}", EXACT_DUPLICATE, languages,
                     col["key"][~keep], col["lang"][~keep], col["ntok"][~keep])
     if lsh is None or not keep.any():
         return counts
