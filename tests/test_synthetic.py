@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 from collections import Counter
 from pathlib import Path
 
@@ -16,7 +17,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from components.languages import canonical_tag, culturax_code, to_iso639_1
 from components.synthetic import LANGUAGES, build_world
-from components.synthetic.build import CULTURAX_SCHEMA, FINEWEB2_SCHEMA
+from components.synthetic.build import (
+    CULTURAX_SCHEMA,
+    FINEWEB2_SCHEMA,
+    make_people,
+    openbook_rows,
+)
 from components.synthetic.grammar import ATTRIBUTES
 
 SMALL = {"num_people": 40, "docs_per_language": 120, "vocab_size": 1200, "eval_people": 10,
@@ -160,6 +166,35 @@ def test_instructions_and_eval_items_answer_world_facts(world: Path) -> None:
                 if row.get("kind") == "openbook":  # the answer is in the context
                     assert f"{row['answer']}" in row["messages"][0]["content"]
         assert [m["role"] for m in files["openbook"][0]["messages"]] == ["user"]
+
+
+def test_a_copied_answer_is_the_token_sequence_of_the_context(world: Path) -> None:
+    """The assistant's answer follows a space, so every answer word of every language is written
+    with the tokens it has inside a sentence of the context (copying is token copying)."""
+    tok = AutoTokenizer.from_pretrained(world / "tokenizer")
+    for tag, spec in LANGUAGES.items():
+        for attr in ATTRIBUTES:
+            for word in spec.values[attr]:
+                prompt = [{"role": "user", "content": f"x {word}."}]
+                full = tok.apply_chat_template([*prompt, {"role": "assistant", "content": word}],
+                                               tokenize=False)
+                head = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+                ids, head_ids = tok(full)["input_ids"], tok(head)["input_ids"]
+                assert ids[:len(head_ids)] == head_ids, (tag, word)  # the prompt is a prefix
+                answer = ids[len(head_ids):-2]  # ... <|im_end|> "\n"
+                assert answer == tok(f" {word}")["input_ids"], (tag, word)
+
+
+def test_openbook_context_holds_the_asked_fact_and_its_distractors(world: Path) -> None:
+    spec = LANGUAGES["eng_Latn"]
+    for row in _jsonl(world / "eval" / "eng_Latn" / "openbook.jsonl"):
+        context = row["messages"][0]["content"].split("\n")[0]
+        kinds = [a for a in ATTRIBUTES if any(w in context.split(" ") or f"{w}." in
+                                              context.split(" ") for w in spec.values[a])]
+        assert row["attribute"] in kinds
+        assert len(kinds) == 3  # openbook_context_facts' default: the asked fact and two others
+    with pytest.raises(ValueError, match="context_facts"):
+        openbook_rows(spec, make_people(0, 1), random.Random(0), False, context_facts=6)
 
 
 def test_answer_words_are_distinct_across_languages() -> None:

@@ -26,10 +26,10 @@ class WorldConfig(_Section):
         "(synthetic_closed_original), the rest are the SFT people"))
     eval_people: int = Field(20, ge=1, description=(
         "original-fact people (at most num_people / 2); every question form of every attribute "
-        "(15 questions each)"))
+        "(10 questions each)"))
     new_fact_people: int = Field(20, ge=1, description=(
         "per new language, people whose facts are only in its CPT corpus (synthetic_closed_new,"
-        " 15 questions each)"))
+        " 10 questions each)"))
     background_people: int = Field(200, ge=0, description=(
         "per new language, never-evaluated people of its small share of the base text"))
     bios_per_person: int = Field(24, ge=1, description=(
@@ -44,6 +44,9 @@ class WorldConfig(_Section):
     openbook_train_people: int = Field(600, ge=1, description=(
         "as many other invented people for post-training's open-book rows: so many that the "
         "answers cannot be memorised and copying from the context is what is learnt"))
+    openbook_context_facts: int = Field(3, ge=1, le=5, description=(
+        "facts in an open-book context: the asked one and this many minus one of the same "
+        "person's others as distractors (a short context, as the open-book task asks)"))
     heldout_docs: int = Field(300, ge=1, description=(
         "fact-free held-out documents per language (synthetic_lm)"))
     docs_per_language: int = Field(800, ge=10, description=(

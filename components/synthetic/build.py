@@ -43,7 +43,7 @@ from components.synthetic.coverage import id_counts, seen_coverage
 from components.synthetic.grammar import ATTRIBUTES, LANGUAGES, NUM_VALUES, LanguageSpec
 from components.synthetic.hf import build_tiny_model, render_chat, train_tokenizer
 
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 DEFAULT_ORIGINAL = ("eng_Latn", "deu_Latn")
 DEFAULT_NEW = ("swh_Latn", "rus_Cyrl")
 _SYLLABLES = ("ka", "mo", "ru", "be", "li", "ta", "no", "vi", "se", "du", "ra", "ki", "lo",
@@ -51,6 +51,10 @@ _SYLLABLES = ("ka", "mo", "ru", "be", "li", "ta", "no", "vi", "se", "du", "ra", 
 _BASE_DATE = datetime(2024, 1, 1, tzinfo=UTC)
 _SHARE_MARGIN = 1.3  # new-language base text drafted beyond its share, then cut to it in tokens
 COVERAGE_MIN_COUNT = 10
+# Generic sentences around each biography: few in the original base text, whose job is its facts
+# (with one to three, a 1.1M-parameter base knew 0.84 of them after 600 steps; with at most one,
+# 0.99), more in a new language's CPT text, which must also teach the language.
+BASE_AROUND = (0, 1)
 _PASSERS = 2000
 TOKENIZER_MIN_FREQUENCY = 10 * COVERAGE_MIN_COUNT  # see train_tokenizer
 
@@ -154,10 +158,11 @@ def make_cast(seed: int, new: list[str], *, num_people: int, eval_people: int,
                 passers=[p.name for p in pool[n_train + openbook_people:]])
 
 
-def biography(spec: LanguageSpec, rng: random.Random, person: Person) -> str:
-    """Every attribute of one person in random order and paraphrase."""
+def biography(spec: LanguageSpec, rng: random.Random, person: Person,
+              attributes: list[str] | None = None) -> str:
+    """Every attribute of one person (or those given) in random order and paraphrase."""
     name = spec.name_of(person.name)
-    attrs = list(ATTRIBUTES)
+    attrs = list(ATTRIBUTES if attributes is None else attributes)
     rng.shuffle(attrs)
     return " ".join(rng.choice(spec.facts[a])(name, person.attributes[a]) for a in attrs)
 
@@ -171,9 +176,9 @@ def _generic(spec: LanguageSpec, rng: random.Random, passers: list[str]) -> str:
 
 
 def _document(spec: LanguageSpec, rng: random.Random, person: Person | None,
-              passers: list[str]) -> str:
-    """A biography among one to three generic sentences, or generic text alone."""
-    sentences = [_generic(spec, rng, passers) for _ in range(rng.randint(1, 3) if person else
+              passers: list[str], around: tuple[int, int] = (1, 3)) -> str:
+    """A biography among ``around`` (a range) generic sentences, or generic text alone."""
+    sentences = [_generic(spec, rng, passers) for _ in range(rng.randint(*around) if person else
                                                              rng.randint(3, 6))]
     if person is not None:
         sentences.insert(rng.randrange(len(sentences) + 1), biography(spec, rng, person))
@@ -194,7 +199,7 @@ def base_texts(seed: int, spec: LanguageSpec, people: list[Person], bios_per_per
                passers: list[str]) -> list[str]:
     """An original language's base text: ``bios_per_person`` biographies of every person."""
     rng = _rng(seed, f"base:{spec.tag}")
-    return [_document(spec, rng, p, passers)
+    return [_document(spec, rng, p, passers, BASE_AROUND)
             for p in _cycle(rng, people, len(people) * bios_per_person)]
 
 
@@ -308,14 +313,19 @@ def closed_rows(spec: LanguageSpec, people: list[Person], rng: random.Random,
 
 
 def openbook_rows(spec: LanguageSpec, people: list[Person], rng: random.Random,
-                  with_answer_turn: bool) -> list[dict[str, Any]]:
-    """A biography as context, then a question on one attribute: the answer is in the context
-    (every attribute of every person; knowledge-free)."""
+                  with_answer_turn: bool, context_facts: int = len(ATTRIBUTES)
+                  ) -> list[dict[str, Any]]:
+    """A short biography as context, then a question on one attribute: the answer is in the
+    context (every attribute of every person; knowledge-free). The context holds the asked fact
+    and ``context_facts - 1`` of the person's other facts as distractors."""
+    if not 1 <= context_facts <= len(ATTRIBUTES):
+        raise ValueError(f"context_facts must be in [1, {len(ATTRIBUTES)}], got {context_facts}")
     rows = []
     for person in people:
         name = spec.name_of(person.name)
         for attr in ATTRIBUTES:
-            context = biography(spec, rng, person)
+            others = rng.sample([a for a in ATTRIBUTES if a != attr], context_facts - 1)
+            context = biography(spec, rng, person, [attr, *others])
             question = rng.choice(spec.questions[attr])(name)
             rows.append(_answer_row(spec, person, attr, f"{context}\n{question}",
                                     with_answer_turn, "openbook"))
@@ -359,7 +369,8 @@ def build_world(out_dir: str | Path, seed: int = 0, *, arch: str = "llama",
                 eval_people: int = 60, new_fact_people: int = 60,
                 background_people: int = 200, bios_per_person: int = 24,
                 new_language_share: float = 0.05, openbook_people: int = 60,
-                openbook_train_people: int = 600, heldout_docs: int = 300,
+                openbook_train_people: int = 600, openbook_context_facts: int = 3,
+                heldout_docs: int = 300,
                 model_hidden_size: int = 192, model_layers: int = 4,
                 model_intermediate_size: int = 512) -> WorldSummary:
     """Write the whole world into ``out_dir`` (an empty folder the caller commits atomically).
@@ -440,7 +451,8 @@ def build_world(out_dir: str | Path, seed: int = 0, *, arch: str = "llama",
                                               "lang": tag}
                                              for _ in range(heldout_docs)])
         files = {
-            "openbook": openbook_rows(spec, cast.openbook_eval, _rng(seed, f"ob:{tag}"), False),
+            "openbook": openbook_rows(spec, cast.openbook_eval, _rng(seed, f"ob:{tag}"), False,
+                                      openbook_context_facts),
             "closed_original": closed_rows(spec, cast.original_fact, _rng(seed, f"co:{tag}"),
                                            False, all_forms=True),
             # cloze on the facts this language's own text holds: the original-fact and SFT
@@ -458,7 +470,7 @@ def build_world(out_dir: str | Path, seed: int = 0, *, arch: str = "llama",
         if tag in original:
             sft_rng = _rng(seed, f"sft:{tag}")
             sft = closed_rows(spec, cast.sft, sft_rng, True, all_forms=True) \
-                + openbook_rows(spec, cast.openbook_train, sft_rng, True)
+                + openbook_rows(spec, cast.openbook_train, sft_rng, True, openbook_context_facts)
             sft_rng.shuffle(sft)
             _write_jsonl(root / "instructions" / tag / "train.jsonl", sft)
             summary.instructions[tag] = len(sft)

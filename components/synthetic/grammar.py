@@ -11,8 +11,8 @@ A value is an index into the attribute's value list; every language orders its w
 way, so one fact has one meaning in every language. No answer word is written the same in two
 languages (cities have local names), so a right answer in a new language cannot be an English
 word copied through; every fact template holds the answer word in its dictionary form, so an
-answer can be copied from a biography. Each attribute has three paraphrases: a model must learn
-the fact, not one sentence.
+answer can be copied from a biography. Each attribute has three paraphrases (a model must learn
+the fact, not one sentence) and two question forms (ten closed-book questions per person).
 """
 
 from __future__ import annotations
@@ -104,9 +104,12 @@ ENGLISH = LanguageSpec(
     questions={
         "city": (lambda p: f"Where does {p} live?", lambda p: f"In which town is the home of {p}?"),
         "job": (lambda p: f"What is the job of {p}?", lambda p: f"What does {p} work as?"),
-        "color": (lambda p: f"What is the favourite colour of {p}?",),
-        "pet": (lambda p: f"Which animal does {p} have?",),
-        "food": (lambda p: f"What does {p} like to eat?",),
+        "color": (lambda p: f"What is the favourite colour of {p}?",
+                  lambda p: f"Which colour does {p} like most?"),
+        "pet": (lambda p: f"Which animal does {p} have?",
+                lambda p: f"What pet does {p} keep at home?"),
+        "food": (lambda p: f"What does {p} like to eat?",
+                 lambda p: f"What is the favourite food of {p}?"),
     },
     cloze={
         "city": lambda p, v: (f"{p} lives in", f" {_EN['city'][v]}."),
@@ -170,9 +173,12 @@ GERMAN = LanguageSpec(
     questions={
         "city": (lambda p: f"Wo wohnt {p}?", lambda p: f"In welcher Stadt steht das Haus von {p}?"),
         "job": (lambda p: f"Als was arbeitet {p}?", lambda p: f"Was ist der Beruf von {p}?"),
-        "color": (lambda p: f"Was ist die Lieblingsfarbe von {p}?",),
-        "pet": (lambda p: f"Welches Tier hat {p}?",),
-        "food": (lambda p: f"Was isst {p} gern?",),
+        "color": (lambda p: f"Was ist die Lieblingsfarbe von {p}?",
+                  lambda p: f"Welche Farbe mag {p} am liebsten?"),
+        "pet": (lambda p: f"Welches Tier hat {p}?",
+                lambda p: f"Was ist das Haustier von {p}?"),
+        "food": (lambda p: f"Was isst {p} gern?",
+                 lambda p: f"Was ist das Lieblingsessen von {p}?"),
     },
     cloze={
         "city": lambda p, v: (f"{p} wohnt in", f" {_DE['city'][v]}."),
@@ -232,10 +238,13 @@ SWAHILI = LanguageSpec(
     },
     questions={
         "city": (lambda p: f"{p} anaishi wapi?", lambda p: f"Nyumba ya {p} iko katika mji gani?"),
-        "job": (lambda p: f"{p} anafanya kazi gani?",),
-        "color": (lambda p: f"Rangi anayoipenda {p} ni ipi?",),
-        "pet": (lambda p: f"{p} ana mnyama gani?",),
-        "food": (lambda p: f"{p} anapenda kula nini?",),
+        "job": (lambda p: f"{p} anafanya kazi gani?", lambda p: f"Kazi ya {p} ni ipi?"),
+        "color": (lambda p: f"Rangi anayoipenda {p} ni ipi?",
+                  lambda p: f"{p} anapenda rangi gani?"),
+        "pet": (lambda p: f"{p} ana mnyama gani?",
+                lambda p: f"Mnyama wa nyumbani wa {p} ni yupi?"),
+        "food": (lambda p: f"{p} anapenda kula nini?",
+                 lambda p: f"Chakula anachokipenda {p} ni kipi?"),
     },
     cloze={
         "city": lambda p, v: (f"{p} anaishi", f" {_SW['city'][v]}."),
@@ -304,10 +313,12 @@ TURKISH = LanguageSpec(
     },
     questions={
         "city": (lambda p: f"{p} nerede yaşıyor?", lambda p: f"{p} hangi şehirde oturuyor?"),
-        "job": (lambda p: f"{p} ne iş yapıyor?",),
-        "color": (lambda p: f"{p} en çok hangi rengi seviyor?",),
-        "pet": (lambda p: f"{p} hangi hayvanı besliyor?",),
-        "food": (lambda p: f"{p} ne yemeyi seviyor?",),
+        "job": (lambda p: f"{p} ne iş yapıyor?", lambda p: f"{p} adlı kişinin mesleği ne?"),
+        "color": (lambda p: f"{p} en çok hangi rengi seviyor?",
+                  lambda p: f"{p} için en güzel renk hangisi?"),
+        "pet": (lambda p: f"{p} hangi hayvanı besliyor?",
+                lambda p: f"{p} adlı kişinin evcil hayvanı ne?"),
+        "food": (lambda p: f"{p} ne yemeyi seviyor?", lambda p: f"{p} her gün öğlen ne yiyor?"),
     },
     cloze={
         # Turkish puts the verb last, so the cloze asks for "value + verb".
@@ -366,10 +377,11 @@ RUSSIAN = LanguageSpec(
     },
     questions={
         "city": (lambda p: f"Где живёт {p}?", lambda p: f"В каком городе живёт {p}?"),
-        "job": (lambda p: f"Кто {p} по профессии?",),
-        "color": (lambda p: f"Какой любимый цвет у {p}?",),
-        "pet": (lambda p: f"Какое животное есть у {p}?",),
-        "food": (lambda p: f"Что любит есть {p}?",),
+        "job": (lambda p: f"Кто {p} по профессии?", lambda p: f"Какая профессия у {p}?"),
+        "color": (lambda p: f"Какой любимый цвет у {p}?",
+                  lambda p: f"Какой цвет больше всего нравится {p}?"),
+        "pet": (lambda p: f"Какое животное есть у {p}?", lambda p: f"Кто живёт дома у {p}?"),
+        "food": (lambda p: f"Что любит есть {p}?", lambda p: f"Какая любимая еда у {p}?"),
     },
     cloze={
         "city": lambda p, v: (f"{p} живёт в городе", f" {_RU['city'][v]}."),

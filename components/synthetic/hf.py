@@ -31,10 +31,14 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 SPECIAL_TOKENS = (EOS, IM_START, IM_END)
 
-# ChatML, the template Qwen2 instruct models use: one familiar shape for every later stage.
+# ChatML, the template Qwen2 instruct models use: one familiar shape for every later stage. The
+# assistant's words follow a space, as Llama 2's and Mistral's answers follow "[/INST] ": with a
+# byte-level BPE, a word copied from the prompt (" Ashford", one token) is then the token the model
+# read there, not a line-initial spelling ("A", "shfor", "d") it has hardly seen in any language.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + (' ' if message['role'] == 'assistant' else '')"
+    " + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
