@@ -56,15 +56,16 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, what: str,
         time.sleep(1)
 
 
-def stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the process group (``start_new_session=True``), SIGKILL it after 30 s."""
+def stop_group(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGTERM the process group (``start_new_session=True``), SIGKILL it after ``grace``
+    seconds."""
     try:
         os.killpg(proc.pid, signal.SIGTERM)
     except ProcessLookupError:  # the group already ended (a server that failed to start)
         proc.wait(timeout=30)
         return
     try:
-        proc.wait(timeout=30)
+        proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)

@@ -62,7 +62,9 @@ def ray_head():
         wait_http(f"{address}/api/version", proc, Path(temp) / "head.log", "ray head")
         yield address, f"http://127.0.0.1:{metrics}/metrics", cluster_runs
     finally:
-        stop_group(proc)
+        # `ray start --block` outlives SIGTERM (the fixture's teardown used to wait the whole
+        # 30 s grace); the head's state is thrown away with its temp dir, so 5 s is enough
+        stop_group(proc, grace=5.0)
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
 

@@ -102,6 +102,21 @@ def refuse_ephemeral_root(cfg: RunConfig, cwd: str | None = None) -> None:
             "MLFLOW_TRACKING_URI to a tracking server"))])
 
 
+LOCAL_SUITES = {"flores": "flores200/", "perplexity": "perplexity/"}
+"""Suites that read only local files (no hub fallback), and the folder each reads."""
+
+
+def refuse_unreadable_suites(cfg: RunConfig) -> None:
+    """A suite that reads only local files needs ``evaluation.data_dir``: say so before Ray
+    starts and any stage runs, not when the evaluation of a finished expansion reaches it.
+    (The config itself may leave it unset: ``deltamoe evaluate --data-dir`` fills it in.)"""
+    local = [s for s in cfg.evaluation.suites if s in LOCAL_SUITES]
+    if local and cfg.evaluation.data_dir is None:
+        raise ConfigError([("evaluation.data_dir", (
+            f"suites {', '.join(local)} read local files and it is unset: point it (or "
+            f"--data-dir) at the folder holding {', '.join(LOCAL_SUITES[s] for s in local)}"))])
+
+
 def select_stages(cfg: RunConfig, from_stage: str | None = None,
                   only: tuple[str, ...] = ()) -> list[Node]:
     """The nodes to run: those that apply to this config, from ``from_stage`` on, or ``only``
@@ -188,6 +203,8 @@ def run_workflow(cfg: RunConfig, *, from_stage: str | None = None, only: tuple[s
     refuse_ephemeral_root(cfg)
     nodes = plan(cfg)
     chosen = select(nodes, from_stage, only)
+    if any(n.kind == "evaluate" for n in nodes if n.name in chosen):
+        refuse_unreadable_suites(cfg)
     run_dir = RunDir(cfg.storage.root, cfg.run_name, cfg.storage.storage_options)
     tracker = _tracker(cfg, run_dir)
     outcomes = _walk(cfg, run_dir, tracker, nodes, chosen)
@@ -201,6 +218,7 @@ def run_evaluation(cfg: RunConfig, *,
     from workflows.evaluate_stage import discover_variants
     from workflows.plan import evaluation_nodes
 
+    refuse_unreadable_suites(cfg)
     run_dir = RunDir(cfg.storage.root, cfg.run_name, cfg.storage.storage_options)
     found = discover_variants(cfg, run_dir)
     if not found:

@@ -32,9 +32,11 @@ class WorldConfig(_Section):
         " 10 questions each)"))
     background_people: int = Field(200, ge=0, description=(
         "per new language, never-evaluated people of its small share of the base text"))
-    bios_per_person: int = Field(24, ge=1, description=(
+    bios_per_person: int = Field(30, ge=1, description=(
         "biographies (paraphrased) of every original-language person in each original "
-        "language's base text: how often the base sees each fact"))
+        "language's base text: how often the base sees each fact, and, through "
+        "new_language_share, how much new-language text the base sees (too little and the "
+        "new languages' CPT text holds ids the base hardly saw: world.json's coverage)"))
     new_language_share: float = Field(0.05, ge=0.0, lt=1.0, description=(
         "share of the base's pre-training tokens in the new languages (split evenly), from "
         "text that is not their CPT text and holds no evaluated fact"))
