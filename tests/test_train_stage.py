@@ -92,11 +92,18 @@ def test_world_pair_and_cpt_variants_inline(tmp_path: Path) -> None:
     out = local / "models/cpt_moe"
     assert json.loads((out / "allocation.json").read_text()) == json.loads(
         (local / "models/moe_init/allocation.json").read_text())
+    trained: set[str] = set()
     with LazyCheckpoint(local / "models/moe_init") as a, LazyCheckpoint(out) as b:
         assert sorted(a.keys()) == sorted(b.keys())  # same (per-expert) layout as upcycle
         for key in a.keys():
             frozen = ".experts.0." in key or not (".experts." in key or ".gate." in key)
-            assert torch.equal(a.get(key), b.get(key)) == frozen, key
+            same = torch.equal(a.get(key), b.get(key))
+            if frozen or ".gate." in key:  # anchor and shared weights kept; every router trains
+                assert same == frozen, key
+            elif not same:  # a new expert changes iff tokens reached it in these 4 steps
+                trained.add(key.split(".block_sparse_moe.")[0])
+        layers = {k.split(".block_sparse_moe.")[0] for k in a.keys() if ".experts.1." in k}
+        assert trained == layers  # in every layer some new expert trained
     dense, built = ensure_trained(cfg, run_dir, "cpt_dense")
     assert built and dense.extra["train"]["counts"]["frozen"] == 0
     assert ensure_trained(cfg, run_dir, "cpt_moe")[1] is False
