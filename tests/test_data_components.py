@@ -25,7 +25,7 @@ from components.data.lsh import band_hashes, bucket_edges, connected_components,
 from components.data.mix import mix_shares, plan_mix
 from components.data.pack import LanguageQuota, SequencePacker, ShardWriter, with_eos
 from components.data.readers import DOC_SCHEMA, JsonlReader, repair_utf8, resolve_source
-from components.data.textops import collapse_whitespace
+from components.data.textops import collapse_whitespace, has_newline, value_slices
 from components.data.tokenize import TokenizeBatch, token_lists
 
 # ----------------------------------------------------------------------------- filters
@@ -103,6 +103,18 @@ def test_collapse_whitespace_is_every_run_to_one_space() -> None:
     assert collapse_whitespace(pa.array(texts)).to_pylist() == expected
 
 
+
+
+@pytest.mark.parametrize("kind", [pa.string(), pa.large_string()])
+def test_buffer_kernels_match_arrow_on_slices_nulls_and_empty_values(kind) -> None:
+    """The numpy views read the right bytes of a sliced array whose first value does not start
+    at byte 0, with nulls and empty strings (read as empty)."""
+    values = ["a\nb", "", None, "x", "\n", "yy\n\nz", "ü", None, "plain"]
+    for arr in (pa.array(values, kind), pa.array(values, kind).slice(2),
+                pa.array(values, kind).slice(3, 4), pa.array([], kind)):
+        expected = [(v or "").encode() for v in arr.to_pylist()]
+        assert [bytes(v) for v in value_slices(arr)] == expected
+        assert has_newline(arr).tolist() == [b"\n" in v for v in expected]
 
 
 def test_exact_hash_ignores_case_and_spacing_only() -> None:
@@ -389,6 +401,31 @@ def test_tokenize_batch_encodes_kept_documents_only(tmp_path) -> None:
     out = TokenizeBatch(tok.to_str())(batch)
     assert "text" not in out.column_names
     assert out.column("input_ids").to_pylist() == [[1, 2], [2, 3, 1], []]
+
+
+def test_tokenize_batch_ids_do_not_depend_on_the_language_order() -> None:
+    """Told a new language, the encoder empties the BPE merge cache (a full cache never takes
+    another language's words); the ids are those of a fresh tokenizer whatever came before."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    rng = random.Random(0)
+    words = {lang: ["".join(rng.choice(letters) for _ in range(rng.randrange(2, 9)))
+                    for _ in range(300)]
+             for lang, letters in (("eng", "etaoinshr"), ("rus", "оеаинтср"))}
+    texts = {lang: [" ".join(rng.choice(w) for _ in range(40)) for _ in range(50)]
+             for lang, w in words.items()}
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(texts["eng"] + texts["rus"], trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fresh = {lang: TokenizeBatch(tok.to_str())(_docs(t, [""] * len(t)))
+             .column("input_ids").to_pylist() for lang, t in texts.items()}
+    shared = TokenizeBatch(tok.to_str())
+    for lang in ("eng", "rus", "eng", "rus"):
+        out = shared(_docs(texts[lang], [""] * len(texts[lang])), lang)
+        assert shared.cached_language == lang
+        assert out.column("input_ids").to_pylist() == fresh[lang]
 
 
 def test_source_versions_change_with_the_bytes_not_with_a_reread(tmp_path) -> None:

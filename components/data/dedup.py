@@ -1,6 +1,6 @@
 """Exact and near-duplicate removal: the first occurrence in corpus order is kept.
 
-Exact: a 128-bit BLAKE2b of the normalised text (lower case, whitespace runs collapsed), so
+Exact: a 128-bit XXH3 of the normalised text (lower case, whitespace runs collapsed), so
 copies that differ only in spacing or case are one document. Hashes are computed by the Ray
 workers, which also drop a work unit's own repeats; the first occurrence across units is the
 exact-dedup shuffle's (:mod:`components.data.shuffle`).
@@ -12,14 +12,14 @@ duplicate clusters by the shuffle's later steps (:mod:`components.data.lsh`).
 
 from __future__ import annotations
 
-import hashlib
 import zlib
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import xxhash
 
-from components.data.textops import collapse_whitespace
+from components.data.textops import collapse_whitespace, value_slices
 
 __all__ = ["EXACT_DUPLICATE", "MinHasher", "exact_hashes", "lsh_params", "normalize"]
 
@@ -40,12 +40,16 @@ def normalize(texts: pa.Array, collapsed: pa.Array | None = None) -> pa.Array:
 
 
 def exact_hashes(texts: pa.Array, normalized: pa.Array | None = None) -> pa.Array:
-    """16-byte hash of each normalised text (``normalized``: :func:`normalize` of ``texts``)."""
+    """16-byte hash of each normalised text (``normalized``: :func:`normalize` of ``texts``).
+
+    XXH3-128, read straight from the Arrow buffer: about ten times faster than BLAKE2b over
+    Python bytes, and 128 bits keep accidental collisions out of reach (a collision would drop a
+    document, so a 64-bit hash is not enough at web scale). Not a cryptographic hash: nobody
+    gains by forging a duplicate of a web page."""
     if normalized is None:
         normalized = normalize(texts)
-    norm = normalized.cast(pa.binary()).to_pylist()
-    return pa.array([hashlib.blake2b(t, digest_size=16).digest() for t in norm],
-                    pa.binary(16))
+    digest = xxhash.xxh3_128_digest
+    return pa.array([digest(v) for v in value_slices(normalized)], pa.binary(16))
 
 
 class MinHasher:

@@ -86,6 +86,12 @@ def rehydration_copies(sizes: np.ndarray, table: dict[int, int]) -> np.ndarray:
     return copies
 
 
+def _rows(values: Any, keep: np.ndarray) -> Any:
+    """Rows ``keep`` (ascending) of an Arrow array or table; the input itself when they are all
+    its rows (the common case: no copy of the batch's text)."""
+    return values if len(keep) == len(values) else values.take(pa.array(keep))
+
+
 class _Sinks:
     """Parquet files a unit writes, opened on first use and closed together."""
 
@@ -205,10 +211,10 @@ class UnitWorker:
         out: dict[str, Any] = {"keep": keep}
         if not len(keep):
             return out
-        sub_texts = texts.take(pa.array(keep))
+        sub_texts = _rows(texts, keep)
         if self.dedup:
             normalized = normalize(sub_texts, None if collapsed is None
-                                   else collapsed.take(pa.array(keep)))
+                                   else _rows(collapsed, keep))
             if self.data.dedup.exact:
                 digest = exact_hashes(sub_texts, normalized)
                 fresh = self._first_in_unit(digest, [langs[i] for i in keep], seen, counts)
@@ -224,10 +230,11 @@ class UnitWorker:
                                          offset=16 * digest.offset).reshape(-1, 2)
             if self.minhash is not None:
                 out["minhash"] = self.minhash.signatures(sub_texts, normalized)
-        sub = docs.take(pa.array(keep)).set_column(docs.schema.get_field_index("drop"), "drop",
+        sub = _rows(docs, keep).set_column(docs.schema.get_field_index("drop"), "drop",
                                                    pa.array([""] * len(keep), pa.string()))
-        out["ids"] = self.tokenize(sub).column("input_ids").combine_chunks()
         out["lang"] = [langs[i] for i in keep]
+        main = Counter(out["lang"]).most_common(1)[0][0]
+        out["ids"] = self.tokenize(sub, main).column("input_ids").combine_chunks()
         out["label"], out["lid"] = [labels[i] for i in keep], [lids[i] for i in keep]
         out["copies"] = copies[keep]
         return out

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from components.config import FiltersConfig, FilterThresholds
-from components.data.textops import collapse_whitespace
+from components.data.textops import collapse_whitespace, has_newline
 
 __all__ = ["FILTER_NAMES", "QualityFilter", "Thresholds", "duplicate_line_fraction",
            "thresholds_for"]
@@ -101,8 +101,7 @@ class QualityFilter:
             non_alpha = np.where(nonspace > 0, other / np.maximum(nonspace, 1), 1.0)
         dup = np.zeros(n)
         if "max_duplicate_line_fraction" in self.on:
-            multiline = pc.greater(pc.count_substring(texts, "\n"), 0).to_numpy(
-                zero_copy_only=False)
+            multiline = has_newline(texts)
             if multiline.any():
                 py = texts.to_pylist()
                 for i in np.flatnonzero(multiline):
