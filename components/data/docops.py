@@ -231,7 +231,7 @@ class UnitWorker:
             if self.minhash is not None:
                 out["minhash"] = self.minhash.signatures(sub_texts, normalized)
         sub = _rows(docs, keep).set_column(docs.schema.get_field_index("drop"), "drop",
-                                                   pa.array([""] * len(keep), pa.string()))
+                                           pa.array([""] * len(keep), pa.string()))
         out["lang"] = [langs[i] for i in keep]
         main = Counter(out["lang"]).most_common(1)[0][0]
         out["ids"] = self.tokenize(sub, main).column("input_ids").combine_chunks()

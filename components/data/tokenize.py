@@ -90,7 +90,8 @@ class TokenizeBatch:
     def _use_cache_for(self, language: str) -> None:
         if language == self.cached_language:
             return
-        clear = getattr(self.tokenizer.model, "_clear_cache", None)  # BPE, WordPiece, Unigram
+        # a private method of every model type since tokenizers 0.20: looked up, not assumed
+        clear = getattr(self.tokenizer.model, "_clear_cache", None)
         if clear is not None:
             clear()
         self.cached_language = language
