@@ -8,6 +8,7 @@ import json
 import random
 import re
 import unicodedata
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -422,10 +423,26 @@ def test_tokenize_batch_ids_do_not_depend_on_the_language_order() -> None:
     fresh = {lang: TokenizeBatch(tok.to_str())(_docs(t, [""] * len(t)))
              .column("input_ids").to_pylist() for lang, t in texts.items()}
     shared = TokenizeBatch(tok.to_str())
-    for lang in ("eng", "rus", "eng", "rus"):
+    rust = shared.tokenizer
+    cleared: list[str] = []
+
+    class Model:  # the Rust objects take no new attributes: stand-ins that record the clears
+        def _clear_cache(self) -> None:
+            cleared.append(lang)
+            rust.model._clear_cache()
+
+    class Spy:
+        model = Model()
+
+        def encode_batch_fast(self, *args: Any, **kwargs: Any) -> Any:
+            return rust.encode_batch_fast(*args, **kwargs)
+
+    shared.tokenizer = Spy()
+    for lang in ("eng", "eng", "rus", "rus", "eng"):
         out = shared(_docs(texts[lang], [""] * len(texts[lang])), lang)
         assert shared.cached_language == lang
         assert out.column("input_ids").to_pylist() == fresh[lang]
+    assert cleared == ["eng", "rus", "eng"]  # once per change of language, not per batch
 
 
 def test_source_versions_change_with_the_bytes_not_with_a_reread(tmp_path) -> None:

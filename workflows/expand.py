@@ -102,19 +102,16 @@ def refuse_ephemeral_root(cfg: RunConfig, cwd: str | None = None) -> None:
             "MLFLOW_TRACKING_URI to a tracking server"))])
 
 
-LOCAL_SUITES = {"flores": "flores200/", "perplexity": "perplexity/"}
-"""Suites that read only local files (no hub fallback), and the folder each reads."""
-
-
 def refuse_unreadable_suites(cfg: RunConfig) -> None:
     """A suite that reads only local files needs ``evaluation.data_dir``: say so before Ray
     starts and any stage runs, not when the evaluation of a finished expansion reaches it.
     (The config itself may leave it unset: ``deltamoe evaluate --data-dir`` fills it in.)"""
-    local = [s for s in cfg.evaluation.suites if s in LOCAL_SUITES]
-    if local and cfg.evaluation.data_dir is None:
-        raise ConfigError([("evaluation.data_dir", (
-            f"suites {', '.join(local)} read local files and it is unset: point it (or "
-            f"--data-dir) at the folder holding {', '.join(LOCAL_SUITES[s] for s in local)}"))])
+    from components.evaluate.suites import SuiteError, require_data_dir
+
+    try:
+        require_data_dir(cfg.evaluation.suites, cfg.evaluation.data_dir)
+    except SuiteError as err:
+        raise ConfigError([("evaluation.data_dir", str(err))]) from None
 
 
 def select_stages(cfg: RunConfig, from_stage: str | None = None,

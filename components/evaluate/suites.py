@@ -33,12 +33,14 @@ from components.languages import get_language, tasks_for
 
 __all__ = [
     "BENCHMARKS",
+    "LOCAL_ONLY",
     "SUITES",
     "SuiteError",
     "benchmark_tasks",
     "build_suite_tasks",
     "flores_tasks",
     "perplexity_tasks",
+    "require_data_dir",
     "task_manager",
 ]
 
@@ -55,6 +57,20 @@ TaskEntry = tuple[dict[str, Any], str, str]  # (lm-eval config dict, task, lang)
 
 class SuiteError(ValueError):
     """A suite that cannot be built: unknown name, missing local data, a bad data layout."""
+
+
+#: suites that read only local files (no hub fallback), and what each reads under data_dir
+LOCAL_ONLY = {"flores": "flores200/devtest/<tag>.parquet", "perplexity": "perplexity/<tag>.jsonl"}
+
+
+def require_data_dir(suite_names: Sequence[str], data_dir: str | Path | None) -> None:
+    """Refuse local-only suites without a data directory: one error naming them all and the
+    files each needs (the workflow asks before any stage runs, the task builders again)."""
+    local = [s for s in suite_names if s in LOCAL_ONLY]
+    if local and data_dir is None:
+        raise SuiteError(f"suites {', '.join(local)} read local files: set evaluation.data_dir "
+                         f"(--data-dir) to a folder holding "
+                         f"{', '.join(LOCAL_ONLY[s] for s in local)}")
 
 
 @cache
@@ -176,9 +192,7 @@ def flores_tasks(languages: Sequence[str], pivot: str, data_dir: str | Path | No
     """Translation pivot → language (task ``flores_into``) and back (``flores_from``)."""
     import yaml
 
-    if data_dir is None:
-        raise SuiteError("the flores suite reads local files: set evaluation.data_dir "
-                         "(--data-dir) to a folder holding flores200/devtest/<tag>.parquet")
+    require_data_dir(["flores"], data_dir)
     base = yaml.safe_load(FLORES_YAML.read_text(encoding="utf-8"))
     folder = Path(data_dir).expanduser() / "flores200" / split
 
@@ -215,9 +229,7 @@ def perplexity_tasks(languages: Sequence[str], data_dir: str | Path | None
     """Rolling log-likelihood of held-out text per language."""
     from components.evaluate.synthetic import lm_task
 
-    if data_dir is None:
-        raise SuiteError("the perplexity suite reads local files: set evaluation.data_dir "
-                         "(--data-dir) to a folder holding perplexity/<tag>.jsonl")
+    require_data_dir(["perplexity"], data_dir)
     folder = Path(data_dir).expanduser() / "perplexity"
     out: dict[str, TaskEntry] = {}
     for lang in languages:
