@@ -133,7 +133,7 @@ def walks(cluster: Any, inputs: dict[str, Path]) -> dict[str, Any]:
     driver's memory is sampled through both."""
     # what the driver imports anyway before any stage runs, so that the sample shows the
     # workflow's memory, not the import of plotting, tracking and data-stage libraries (the
-    # data stage's modules alone are ~8 MB; the bound below is 10 % of a 122 MB model)
+    # data stage's modules alone are ~8 MB; the bound below is 25 % of a 122 MB model)
     import matplotlib.pyplot  # noqa: F401
     import mlflow  # noqa: F401
     import pandas  # noqa: F401
@@ -209,7 +209,9 @@ def test_driver_memory_stays_far_below_a_model(walks: dict[str, Any]) -> None:
     assert largest > 100e6  # the MoE is ~30M fp32 parameters
     growth = walks["rss"].peak - walks["rss"].start
     print(f"driver RSS growth {growth / 1e6:.1f} MB; largest model {largest / 1e6:.1f} MB")
-    assert growth < 0.1 * largest, f"driver grew {growth / 1e6:.1f} MB, model {largest / 1e6:.0f}"
+    # a model through the driver grows it by the model's size; measured without one: 3.4 MB
+    # alone, 12.5-14.9 MB late in the full suite (allocator state the earlier tests left)
+    assert growth < 0.25 * largest, f"driver grew {growth / 1e6:.1f} MB, model {largest / 1e6:.0f}"
 
 
 def test_max_parallel_one_runs_one_stage_at_a_time(walks: dict[str, Any],
