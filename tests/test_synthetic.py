@@ -20,10 +20,13 @@ from components.synthetic import LANGUAGES, build_world
 from components.synthetic.build import (
     CULTURAX_SCHEMA,
     FINEWEB2_SCHEMA,
+    MAX_TOKENIZER_UPSAMPLING,
     make_people,
     openbook_rows,
+    tokenizer_upsampling,
 )
 from components.synthetic.grammar import ATTRIBUTES
+from components.train.spec import TrainError
 
 SMALL = {"num_people": 40, "docs_per_language": 120, "vocab_size": 1200, "eval_people": 10,
          "new_fact_people": 10, "background_people": 30, "bios_per_person": 6,
@@ -109,7 +112,11 @@ def test_each_fact_is_where_its_role_says_and_planted_documents(world: Path) -> 
                                                 texts["cpt", tag] for t in spec.facts[a])
                        for a in ATTRIBUTES), name
             for (kind, other), text in texts.items():
-                if (kind, other) != ("cpt", tag):
+                if (kind, other) == ("base", tag):  # the name may pass by there, no fact of it
+                    assert not any(t(spec.name_of(name), v) in text for a in ATTRIBUTES
+                                   for t in spec.facts[a] for v in range(len(spec.values[a]))
+                                   ), (name, tag)
+                elif (kind, other) != ("cpt", tag):
                     assert f"{LANGUAGES[other].name_of(name)} " not in text, (name, kind, other)
         for name in splits["original_fact"]:  # never in a new language's text
             assert f"{spec.name_of(name)} " not in texts["base", tag] + texts["cpt", tag]
@@ -305,3 +312,45 @@ def test_every_dense_type_builds_and_bad_input(world: Path, tmp_path: Path) -> N
         build_world(tmp_path / "x", languages=["fra_Latn"])
     with pytest.raises(ValueError, match="unknown architecture"):
         build_tiny_model(tok, tmp_path / "y", arch="gpt2")
+
+
+def test_tokenizer_upsampling_follows_share_to_the_alpha() -> None:
+    """p ** alpha sampling relative to the largest language, capped so that every merged id
+    stays seen in the base text (a repeated text needs fewer real occurrences for a merge)."""
+    chars = {"eng": 475, "deu": 475, "swh": 25, "rus": 25, "none": 0}
+    assert tokenizer_upsampling(chars, 1.0) == dict.fromkeys(chars, 1)
+    # (0.475 / 0.025) ** 0.2 = 1.8 → 2; ** 0.7 = 7.9, capped
+    assert tokenizer_upsampling(chars, 0.8) == {"eng": 1, "deu": 1, "swh": 2, "rus": 2,
+                                                "none": 1}
+    assert tokenizer_upsampling(chars, 0.3)["swh"] == MAX_TOKENIZER_UPSAMPLING
+    with pytest.raises(ValueError, match="tokenizer_alpha"):
+        tokenizer_upsampling(chars, 0.0)
+
+
+def test_post_replay_mixes_base_text_into_post_training(tmp_path: Path) -> None:
+    """post_replay of the instruction rows are base documents (plain text, no messages); the
+    SFT builder puts the loss on every one of their tokens and an EOS after them."""
+    from components.train.sft import build_sft_parquet
+
+    root = tmp_path / "w"
+    build_world(root, seed=7, post_replay=0.05, **SMALL)
+    base = set(pq.read_table(root / "corpora/base/fineweb2/data/eng_Latn/train/000_00000.parquet",
+                             columns=["text"]).column("text").to_pylist())
+    rows = _jsonl(root / "instructions" / "eng_Latn" / "train.jsonl")
+    replay = [r for r in rows if "messages" not in r]
+    assert len(replay) == pytest.approx(0.05 * len(rows), abs=1)
+    assert all(r["kind"] == "replay" and r["text"] in base for r in replay)
+    assert len({r["text"] for r in replay}) == len(replay)  # distinct documents
+
+    tok = AutoTokenizer.from_pretrained(root / "tokenizer")
+    only = tmp_path / "replay.jsonl"
+    only.write_text("".join(json.dumps(r) + "\n" for r in replay[:40]), encoding="utf-8")
+    build_sft_parquet(tok, [only], tmp_path / "sft", seq_len=256)
+    table = pq.read_table(tmp_path / "sft/train/part-0.parquet").to_pydict()
+    ids, labels = table["input_ids"][0], table["labels"][0]
+    expected = tok(replay[0]["text"])["input_ids"] + [tok.eos_token_id]
+    assert ids[:len(expected)] == expected and labels[:len(expected)] == expected
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"lang": "eng_Latn", "answer": "x"}) + "\n", encoding="utf-8")
+    with pytest.raises(TrainError, match=r"bad.jsonl:1: expected keys lang and messages"):
+        build_sft_parquet(tok, [bad], tmp_path / "sft2", seq_len=256)

@@ -12,7 +12,8 @@ Who is written about where is what makes the paper's abilities separable:
   ``synthetic_closed_new`` asks about them there (needs CPT knowledge and the answer format);
 - **background people**, per new language: in that language's small share of the base text
   (``new_language_share``, with generic text), never evaluated — so the base has seen the new
-  languages a little, as real bases have, without knowing any evaluated fact;
+  languages a little, as real bases have, without knowing any evaluated fact (the names of the
+  people its CPT text is about pass by there too, without their facts);
 - **open-book people**: in no corpus; their biography is the question's context
   (``synthetic_openbook``: knowledge-free instruction following, copy the answer).
 
@@ -20,7 +21,9 @@ Corpora: ``corpora/base/fineweb2`` is the base's pre-training text (every langua
 ``corpora/fineweb2`` and ``corpora/culturax`` are the CPT corpora (new languages: their CPT
 text; original languages: a replay slice of their base text), with planted duplicates and junk
 for the data stage's filters. The tokenizer is trained on the base text only, as a real base's
-tokenizer is. Every random choice draws from ``random.Random`` streams seeded from the world
+tokenizer is, with the languages re-weighted as multilingual tokenizers are (``tokenizer_alpha``),
+so every language's answer words are single tokens. Post-training's rows replay some of the
+base text (``post_replay``), so the post-trained model keeps the base's language modelling. Every random choice draws from ``random.Random`` streams seeded from the world
 seed and a purpose name, and nothing reads the clock: the same seed gives byte-identical files.
 """
 
@@ -29,7 +32,9 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -43,7 +48,7 @@ from components.synthetic.coverage import id_counts, seen_coverage
 from components.synthetic.grammar import ATTRIBUTES, LANGUAGES, NUM_VALUES, LanguageSpec
 from components.synthetic.hf import build_tiny_model, render_chat, train_tokenizer
 
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 DEFAULT_ORIGINAL = ("eng_Latn", "deu_Latn")
 DEFAULT_NEW = ("swh_Latn", "rus_Cyrl")
 _SYLLABLES = ("ka", "mo", "ru", "be", "li", "ta", "no", "vi", "se", "du", "ra", "ki", "lo",
@@ -56,7 +61,13 @@ COVERAGE_MIN_COUNT = 10
 # 0.99), more in a new language's CPT text, which must also teach the language.
 BASE_AROUND = (0, 1)
 _PASSERS = 2000
+NAMED_WEIGHT = 30  # how much likelier a CPT person's name is than a passer-by's in base text
 TOKENIZER_MIN_FREQUENCY = 10 * COVERAGE_MIN_COUNT  # see train_tokenizer
+# A text repeated k times in the tokenizer's training stream needs only 100 / k real occurrences
+# for a merge, and a merged token can lose most of its occurrences to later merges: 3 keeps the
+# coverage rule on every seed measured (4 broke it for Russian), and already makes every answer
+# word of every language one token.
+MAX_TOKENIZER_UPSAMPLING = 3
 
 FINEWEB2_SCHEMA = pa.schema([
     ("text", pa.string()), ("id", pa.string()), ("dump", pa.string()), ("url", pa.string()),
@@ -352,6 +363,43 @@ def mc_rows(spec: LanguageSpec, people: list[Person], rng: random.Random) -> lis
     return rows
 
 
+def tokenizer_upsampling(chars: dict[str, int], alpha: float) -> dict[str, int]:
+    """How often each language's text is repeated in the tokenizer's training stream.
+
+    Multilingual tokenizers are trained on a language mix sampled with probabilities
+    proportional to ``share ** alpha`` (XLM-R and mT5 use alpha = 0.3), so that a low-resource
+    language's common words become tokens of their own, as they are in the base models this
+    project expands; alpha = 1 trains on the text as it is. Repetition is relative to the
+    largest language, rounded and capped at :data:`MAX_TOKENIZER_UPSAMPLING`.
+    """
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"tokenizer_alpha must be in (0, 1], got {alpha}")
+    total = sum(chars.values())
+    shares = {t: c / total for t, c in chars.items() if c > 0}
+    top = max(shares.values())
+    return {t: min(MAX_TOKENIZER_UPSAMPLING, max(1, round((top / shares[t]) ** (1.0 - alpha))))
+            if t in shares else 1 for t in chars}
+
+
+def _tokenizer_stream(base: dict[str, list[str]], repeat: dict[str, int],
+                      names: set[str]) -> Iterable[str]:
+    """Every base text once, then the repeats :func:`tokenizer_upsampling` asks for with the
+    names taken out: names are language-neutral in this world (one name, written in each
+    language's script), so re-weighting a language gives its words tokens of their own, not its
+    spellings of names, which its base text holds too rarely to train (and which the names its
+    CPT text is full of would be spelt with)."""
+    for texts in base.values():
+        yield from texts
+    for tag, texts in base.items():
+        if repeat[tag] > 1:
+            spec = LANGUAGES[tag]
+            spelt = sorted({spec.name_of(n) for n in names}, key=len, reverse=True)
+            pattern = re.compile(r"\b(?:" + "|".join(map(re.escape, spelt)) + r")\b")
+            stripped = [pattern.sub("", x) for x in texts] if spelt else texts
+            for _ in range(repeat[tag] - 1):
+                yield from stripped
+
+
 def _cut_to_tokens(texts: list[str], tokenizer: Any, tokens: int) -> tuple[list[str], int]:
     """The first texts whose token count reaches ``tokens`` (at least one)."""
     total = 0
@@ -368,7 +416,8 @@ def build_world(out_dir: str | Path, seed: int = 0, *, arch: str = "llama",
                 original: list[str] | tuple[str, ...] = DEFAULT_ORIGINAL,
                 eval_people: int = 60, new_fact_people: int = 60,
                 background_people: int = 200, bios_per_person: int = 30,
-                new_language_share: float = 0.05, openbook_people: int = 60,
+                new_language_share: float = 0.05, tokenizer_alpha: float = 0.3,
+                openbook_people: int = 60, post_replay: float = 0.0,
                 openbook_train_people: int = 600, openbook_context_facts: int = 3,
                 heldout_docs: int = 300,
                 model_hidden_size: int = 192, model_layers: int = 4,
@@ -386,6 +435,8 @@ def build_world(out_dir: str | Path, seed: int = 0, *, arch: str = "llama",
     missing = [t for t in original if t not in tags]
     if missing or not original:
         raise ValueError(f"original languages {list(original)} must be some of {tags}")
+    if not 0.0 <= post_replay < 1.0:
+        raise ValueError(f"post_replay must be in [0, 1), got {post_replay}")
     if not 0.0 <= new_language_share < 1.0:
         raise ValueError(f"new_language_share must be in [0, 1), got {new_language_share}")
     specs = [LANGUAGES[t] for t in tags]
@@ -408,9 +459,18 @@ def build_world(out_dir: str | Path, seed: int = 0, *, arch: str = "llama",
     share_each = new_language_share / len(new) if new else 0.0
     for tag in new:
         chars = original_chars * share_each / (1.0 - new_language_share) * _SHARE_MARGIN
+        # the names its CPT text writes about (not their facts) are among its passers-by, as
+        # a real base has read most names in every script it knows
+        named = cast.passers + [p.name for p in [*cast.new_fact[tag], *cast.sft]
+                                for _ in range(NAMED_WEIGHT)]
         base[tag] = low_resource_texts(seed, LANGUAGES[tag], cast.background[tag], int(chars),
-                                       cast.passers) if chars > 0 else []
-    tokenizer = train_tokenizer((x for t in tags for x in base[t]), root / "tokenizer",
+                                       named) if chars > 0 else []
+    repeat = tokenizer_upsampling({t: sum(len(x) for x in base[t]) for t in tags},
+                                  tokenizer_alpha)
+    names = set(cast.passers) | {
+        p.name for group in (cast.sft, cast.original_fact, *cast.new_fact.values(),
+                             *cast.background.values()) for p in group}
+    tokenizer = train_tokenizer(_tokenizer_stream(base, repeat, names), root / "tokenizer",
                                 vocab_size, min_frequency=TOKENIZER_MIN_FREQUENCY)
     original_tokens = sum(len(tokenizer(x)["input_ids"]) + 1 for t in original for x in base[t])
     for tag in new:
@@ -471,6 +531,10 @@ def build_world(out_dir: str | Path, seed: int = 0, *, arch: str = "llama",
             sft_rng = _rng(seed, f"sft:{tag}")
             sft = closed_rows(spec, cast.sft, sft_rng, True, all_forms=True) \
                 + openbook_rows(spec, cast.openbook_train, sft_rng, True, openbook_context_facts)
+            # replayed base text, post_replay of the rows (see components.train.sft)
+            n_replay = round(len(sft) * post_replay / (1.0 - post_replay))
+            sft += [{"text": text, "lang": tag, "kind": "replay"}
+                    for text in sft_rng.sample(base[tag], min(n_replay, len(base[tag])))]
             sft_rng.shuffle(sft)
             _write_jsonl(root / "instructions" / tag / "train.jsonl", sft)
             summary.instructions[tag] = len(sft)

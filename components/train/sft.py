@@ -1,5 +1,10 @@
 """SFT data: chat conversations → packed fixed-length rows with the loss on response tokens only.
 
+A row without ``messages`` may instead be plain text (``{"text": ..., "lang": ...}``): pre-training
+text replayed during post-training, with the loss on every token and an EOS after it, so the
+post-trained model keeps the base's language modelling as real post-training does (a small
+model fine-tuned on answers alone forgets it, and every grafted Δpost would carry that loss).
+
 Each conversation is rendered with the tokenizer's chat template; the prompt (every turn before
 the last assistant message, plus the assistant header) and the response are tokenized
 separately and concatenated, so the label boundary is exact. ``labels`` are -100 on prompt
@@ -44,6 +49,12 @@ def encode(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], l
     return prompt_ids + response_ids, [IGNORE] * len(prompt_ids) + response_ids
 
 
+def encode_text(tokenizer: Any, text: str) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one replayed pre-training text: the loss on every token."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return ids, list(ids)
+
+
 def pack_rows(examples: Iterable[tuple[list[int], list[int], str]], seq_len: int,
               pad_id: int) -> dict[str, list[Any]]:
     """Greedy packing per language: conversations in order until the next would not fit."""
@@ -78,7 +89,8 @@ def pack_rows(examples: Iterable[tuple[list[int], list[int], str]], seq_len: int
 
 def build_sft_parquet(tokenizer: Any, files: Sequence[str | Path], out_dir: str | Path,
                       seq_len: int, validation_fraction: float = 0.05) -> dict[str, int]:
-    """JSONL rows with ``messages`` and ``lang`` → ``out_dir/{train,validation}/part-0.parquet``;
+    """JSONL rows with ``lang`` and ``messages`` (or ``text``, replayed pre-training text) →
+    ``out_dir/{train,validation}/part-0.parquet``;
     returns row counts per split (and ``<split>_too_long``, the conversations left out). The
     last ``validation_fraction`` of each file is held out."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
@@ -91,9 +103,12 @@ def build_sft_parquet(tokenizer: Any, files: Sequence[str | Path], out_dir: str 
             raise TrainError(f"{file}: no instruction rows")
         held = max(1, int(len(rows) * validation_fraction))
         for i, row in enumerate(rows):
-            if "messages" not in row or "lang" not in row:
-                raise TrainError(f"{file}:{i + 1}: expected keys messages and lang")
-            ids, labels = encode(tokenizer, row["messages"])
+            if "lang" not in row or ("messages" not in row and "text" not in row):
+                raise TrainError(f"{file}:{i + 1}: expected keys lang and messages (a "
+                                 "conversation) or, without messages, text (replayed "
+                                 "pre-training text)")
+            ids, labels = (encode(tokenizer, row["messages"]) if "messages" in row
+                           else encode_text(tokenizer, row["text"]))
             splits["validation" if i >= len(rows) - held else "train"].append(
                 (ids, labels, row["lang"]))
     counts: dict[str, int] = {}
