@@ -18,13 +18,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from components.languages import canonical_tag, culturax_code, to_iso639_1
 from components.synthetic import LANGUAGES, build_world
 from components.synthetic.build import (
-    CULTURAX_SCHEMA,
-    FINEWEB2_SCHEMA,
     MAX_TOKENIZER_UPSAMPLING,
     make_people,
     openbook_rows,
     tokenizer_upsampling,
 )
+from components.synthetic.corpora import CULTURAX_SCHEMA, FINEWEB2_SCHEMA
 from components.synthetic.grammar import ATTRIBUTES
 from components.train.spec import TrainError
 

@@ -23,8 +23,9 @@ text; original languages: a replay slice of their base text), with planted dupli
 for the data stage's filters. The tokenizer is trained on the base text only, as a real base's
 tokenizer is, with the languages re-weighted as multilingual tokenizers are (``tokenizer_alpha``),
 so every language's answer words are single tokens. Post-training's rows replay some of the
-base text (``post_replay``), so the post-trained model keeps the base's language modelling. Every random choice draws from ``random.Random`` streams seeded from the world
-seed and a purpose name, and nothing reads the clock: the same seed gives byte-identical files.
+base text (``post_replay``), so the post-trained model keeps the base's language modelling.
+Every random choice draws from ``random.Random`` streams seeded from the world seed and a purpose
+name, and nothing reads the clock: the same seed gives byte-identical files.
 """
 
 from __future__ import annotations
@@ -33,17 +34,14 @@ import hashlib
 import json
 import random
 import re
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from components.synthetic.corpora import junk_document, write_corpora
 from components.synthetic.coverage import id_counts, seen_coverage
 from components.synthetic.grammar import ATTRIBUTES, LANGUAGES, NUM_VALUES, LanguageSpec
 from components.synthetic.hf import build_tiny_model, render_chat, train_tokenizer
@@ -53,7 +51,6 @@ DEFAULT_ORIGINAL = ("eng_Latn", "deu_Latn")
 DEFAULT_NEW = ("swh_Latn", "rus_Cyrl")
 _SYLLABLES = ("ka", "mo", "ru", "be", "li", "ta", "no", "vi", "se", "du", "ra", "ki", "lo",
               "fe", "ma", "po", "zu", "ne", "si", "go")
-_BASE_DATE = datetime(2024, 1, 1, tzinfo=UTC)
 _SHARE_MARGIN = 1.3  # new-language base text drafted beyond its share, then cut to it in tokens
 COVERAGE_MIN_COUNT = 10
 # Generic sentences around each biography: few in the original base text, whose job is its facts
@@ -68,18 +65,6 @@ TOKENIZER_MIN_FREQUENCY = 10 * COVERAGE_MIN_COUNT  # see train_tokenizer
 # coverage rule on every seed measured (4 broke it for Russian), and already makes every answer
 # word of every language one token.
 MAX_TOKENIZER_UPSAMPLING = 3
-
-FINEWEB2_SCHEMA = pa.schema([
-    ("text", pa.string()), ("id", pa.string()), ("dump", pa.string()), ("url", pa.string()),
-    ("date", pa.string()), ("file_path", pa.string()), ("language", pa.string()),
-    ("language_score", pa.float64()), ("language_script", pa.string()),
-    ("minhash_cluster_size", pa.int64()), ("top_langs", pa.string()),
-])
-CULTURAX_SCHEMA = pa.schema([
-    ("text", pa.string()), ("timestamp", pa.string()), ("url", pa.string()),
-    ("source", pa.string()),
-])
-
 
 @dataclass(frozen=True)
 class Person:
@@ -240,54 +225,6 @@ def cpt_texts(seed: int, spec: LanguageSpec, new_fact: list[Person], anchors: li
     people = _cycle(rng, new_fact, n_new) + _cycle(rng, anchors, docs - n_new)
     rng.shuffle(people)
     return [_document(spec, rng, p, passers) for p in people]
-
-
-def _junk(rng: random.Random, spec: LanguageSpec, k: int) -> str:
-    """Documents a quality filter must drop: digit soup, or one line repeated."""
-    if k % 2 == 0:
-        return " ".join(f"{rng.randrange(10**6):06d} ### {rng.randrange(999)}%" for _ in range(30))
-    line = spec.filler(rng)
-    return "\n".join([line] * 12)
-
-
-def _uuid(seed: int, *parts: object) -> str:
-    digest = hashlib.sha256(":".join(map(str, (seed, *parts))).encode()).digest()
-    return str(uuid.UUID(bytes=digest[:16], version=4))
-
-
-def write_corpora(root: Path, seed: int, spec: LanguageSpec, texts: list[str],
-                  culturax: bool = True, kind: str = "cpt") -> list[str]:
-    """One language in the FineWeb2 layout under ``root/fineweb2`` and (``culturax``) in the
-    CulturaX layout under ``root/culturax``; returns document ids."""
-    n = len(texts)
-    ids = [f"<urn:uuid:{_uuid(seed, kind, spec.tag, i)}>" for i in range(n)]
-    dates = [(_BASE_DATE + timedelta(minutes=7919 * i)).strftime("%Y-%m-%dT%H:%M:%SZ")
-             for i in range(n)]
-    urls = [f"https://{spec.iso639_1}.example.org/{kind}/{i:06d}" for i in range(n)]
-    dump = "CC-MAIN-2024-10"
-    fineweb = pa.table({
-        "text": texts, "id": ids, "dump": [dump] * n, "url": urls, "date": dates,
-        "file_path": [f"s3://commoncrawl/crawl-data/{dump}/segments/{i % 7}.warc.gz"
-                      for i in range(n)],
-        "language": [spec.tag.split("_")[0]] * n,
-        "language_score": [round(0.9 + 0.1 * ((i * 37) % 100) / 100, 4) for i in range(n)],
-        "language_script": [spec.script] * n,
-        "minhash_cluster_size": [1] * n,
-        "top_langs": [json.dumps({f"{spec.tag}_score": 0.99})] * n,
-    }, schema=FINEWEB2_SCHEMA)
-    fw_dir = root / "fineweb2" / "data" / spec.tag / "train"
-    fw_dir.mkdir(parents=True, exist_ok=True)
-    pq.write_table(fineweb, fw_dir / "000_00000.parquet")
-    if not culturax:
-        return ids
-    cx_table = pa.table({
-        "text": texts, "timestamp": [d.replace("T", " ").rstrip("Z") for d in dates],
-        "url": urls, "source": ["mC4" if i % 3 else "OSCAR-2301" for i in range(n)],
-    }, schema=CULTURAX_SCHEMA)
-    cx_dir = root / "culturax" / spec.iso639_1
-    cx_dir.mkdir(parents=True, exist_ok=True)
-    pq.write_table(cx_table, cx_dir / f"{spec.iso639_1}_part_00000.parquet")
-    return ids
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -497,7 +434,7 @@ def build_world(out_dir: str | Path, seed: int = 0, *, arch: str = "llama",
         n_docs = len(texts)
         n_dupes, n_junk = max(1, n_docs // 50), max(1, n_docs // 100)
         texts = texts + [texts[i] for i in rng.sample(range(n_docs), n_dupes)]
-        texts += [_junk(rng, spec, k) for k in range(n_junk)]
+        texts += [junk_document(rng, spec, k) for k in range(n_junk)]
         ids = write_corpora(root / "corpora", seed, spec, texts)
         planted_ids[tag] = {"duplicates": ids[n_docs:n_docs + n_dupes],
                             "junk": ids[n_docs + n_dupes:]}
