@@ -76,8 +76,8 @@ class WorldConfig(_Section):
     post_replay: float = Field(0.3, ge=0.0, lt=1.0, description=(
         "share of post-training's rows that replay the base's own pre-training text (loss on "
         "every token), so post-training keeps the base's language modelling as real "
-        "post-training does (without it a tiny model's bits/byte tripled and its cloze fell "
-        "from 0.94 to 0.62, and every grafted Δpost carried that)"))
+        "post-training does (without it a tiny model's bits/byte grew 3-4.5x and its cloze "
+        "fell from 0.94 to 0.62, and every grafted Δpost carried that)"))
     post_lr: float = Field(3e-4, gt=0.0, description=(
         "peak learning rate of that fine-tuning (train.lr is for continued pre-training; "
         "post-training takes a smaller one, as real instruct models do)"))

@@ -66,6 +66,7 @@ TOKENIZER_MIN_FREQUENCY = 10 * COVERAGE_MIN_COUNT  # see train_tokenizer
 # word of every language one token.
 MAX_TOKENIZER_UPSAMPLING = 3
 
+
 @dataclass(frozen=True)
 class Person:
     name: str  # Latin spelling; each language writes it in its own script
