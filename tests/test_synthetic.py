@@ -314,8 +314,8 @@ def test_every_dense_type_builds_and_bad_input(world: Path, tmp_path: Path) -> N
 
 
 def test_tokenizer_upsampling_follows_share_to_the_alpha() -> None:
-    """p ** alpha sampling relative to the largest language, capped so that every merged id
-    stays seen in the base text (a repeated text needs fewer real occurrences for a merge)."""
+    """p ** alpha sampling relative to the largest language, rounded, at least 1 and capped (a
+    repeated text needs fewer real occurrences for a merge; the coverage tests hold the rule)."""
     chars = {"eng": 475, "deu": 475, "swh": 25, "rus": 25, "none": 0}
     assert tokenizer_upsampling(chars, 1.0) == dict.fromkeys(chars, 1)
     # (0.475 / 0.025) ** 0.2 = 1.8 → 2; ** 0.7 = 7.9, capped

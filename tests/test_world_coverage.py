@@ -24,18 +24,18 @@ from components.synthetic.grammar import ATTRIBUTES
 
 ORIGINAL, NEW = ["eng_Latn", "deu_Latn"], ["swh_Latn", "rus_Cyrl"]
 CONFIGS = Path(__file__).resolve().parents[1] / "workflows" / "configs"
-TRAINING = {"base_steps", "base_lr", "post_steps", "post_lr"}
 
 
 def _texts(path: Path) -> list[str]:
     return pq.read_table(path, columns=["text"]).column("text").to_pylist()
 
 
-def _committed_world(root: Path, name: str) -> object:
+def _committed_world(root: Path, name: str, **overrides: object) -> object:
     """The world a committed config builds (its world section, the run's four languages)."""
     section = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text(encoding="utf-8"))["world"]
-    world = WorldConfig(**section, languages=[*ORIGINAL, *NEW], original=ORIGINAL)
-    return build_world(root, **world.model_dump(exclude=TRAINING))
+    world = WorldConfig(**{**section, **overrides}, languages=[*ORIGINAL, *NEW],
+                        original=ORIGINAL)
+    return build_world(root, **world.generator_args())
 
 
 @pytest.fixture(scope="module")
@@ -83,10 +83,7 @@ def test_tokenizer_writes_every_answer_word_as_one_token(world: tuple[Path, obje
 
     sampled = answer_tokens(world[0])
     assert sampled == dict.fromkeys([*ORIGINAL, *NEW], 1.0)
-    section = yaml.safe_load((CONFIGS / "reproduce.yaml").read_text(encoding="utf-8"))["world"]
-    flat = WorldConfig(**{**section, "tokenizer_alpha": 1.0}, languages=[*ORIGINAL, *NEW],
-                       original=ORIGINAL)
-    build_world(tmp_path / "flat", **flat.model_dump(exclude=TRAINING))
+    _committed_world(tmp_path / "flat", "reproduce", tokenizer_alpha=1.0)
     pieces = answer_tokens(tmp_path / "flat")
     assert all(pieces[tag] > 1.3 for tag in NEW), pieces  # measured 1.87 and 1.50
 

@@ -20,8 +20,7 @@ def ensure_world(stage: StageDir, world: WorldConfig,
                  refuse_foreign: bool = False) -> tuple[Manifest, bool]:
     """Build the world into ``stage`` unless a matching one is there; returns (manifest, built)."""
     def build(work: StageBuild) -> None:
-        summary = build_world(work.path, **world.model_dump(
-            exclude={"base_steps", "base_lr", "post_steps", "post_lr"}))
+        summary = build_world(work.path, **world.generator_args())
         work.extra["summary"] = _plain(summary)
 
     return stage.ensure(world_fingerprint(world), build, config=world.model_dump(mode="json"),

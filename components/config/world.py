@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field
 
 from components.config.names import DenseType, LangTag
@@ -81,3 +83,8 @@ class WorldConfig(_Section):
     post_lr: float = Field(3e-4, gt=0.0, description=(
         "peak learning rate of that fine-tuning (train.lr is for continued pre-training; "
         "post-training takes a smaller one, as real instruct models do)"))
+
+    def generator_args(self) -> dict[str, Any]:
+        """The keyword arguments of ``components.synthetic.build_world``: every setting but the
+        training budgets of the base and its post-trained sibling, which the train stage uses."""
+        return self.model_dump(exclude={"base_steps", "base_lr", "post_steps", "post_lr"})

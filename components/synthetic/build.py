@@ -61,9 +61,10 @@ _PASSERS = 2000
 NAMED_WEIGHT = 30  # how much likelier a CPT person's name is than a passer-by's in base text
 TOKENIZER_MIN_FREQUENCY = 10 * COVERAGE_MIN_COUNT  # see train_tokenizer
 # A text repeated k times in the tokenizer's training stream needs only 100 / k real occurrences
-# for a merge, and a merged token can lose most of its occurrences to later merges: 3 keeps the
-# coverage rule on every seed measured (4 broke it for Russian), and already makes every answer
-# word of every language one token.
+# for a merge, and a merged token can lose most of its occurrences to later merges. With names
+# out of the repeats and the CPT text's names in the base text, 3 kept the coverage rule on seeds
+# 0-2 of the reproduction's world (4, before those two, broke it for Russian on two of them) and
+# already makes every answer word of every language one token.
 MAX_TOKENIZER_UPSAMPLING = 3
 
 
