@@ -46,6 +46,11 @@ class WorldConfig(_Section):
         "the tokenizer trains on the base text with each language sampled in proportion to "
         "share ** tokenizer_alpha, as multilingual tokenizers are (XLM-R, mT5: 0.3), so the new "
         "languages' common words are tokens of their own; 1 trains on the text as it is"))
+    question_share: float = Field(0.25, ge=0.0, le=1.0, description=(
+        "share of the generic sentences in every language's text (base, CPT, held-out) that "
+        "are a question about a passer-by and its answer, as real text asks questions: "
+        "without them every language's question words are ids no model trained (0 keeps "
+        "world v5's text)"))
     openbook_people: int = Field(60, ge=1, description=(
         "invented people, in no corpus, whose biographies are synthetic_openbook's contexts "
         "(5 questions each)"))

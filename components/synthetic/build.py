@@ -24,13 +24,14 @@ for the data stage's filters. The tokenizer is trained on the base text only, as
 tokenizer is, with the languages re-weighted as multilingual tokenizers are (``tokenizer_alpha``),
 so every language's answer words are single tokens. Post-training's rows replay some of the
 base text (``post_replay``), so the post-trained model keeps the base's language modelling.
+Generic text in every language asks questions about passers-by and answers them
+(``question_share``), so no language's question words are unseen ids.
 Every random choice draws from ``random.Random`` streams seeded from the world seed and a purpose
 name, and nothing reads the clock: the same seed gives byte-identical files.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
@@ -45,18 +46,23 @@ from components.synthetic.corpora import junk_document, write_corpora
 from components.synthetic.coverage import id_counts, seen_coverage
 from components.synthetic.grammar import ATTRIBUTES, LANGUAGES, NUM_VALUES, LanguageSpec
 from components.synthetic.hf import build_tiny_model, render_chat, train_tokenizer
+from components.synthetic.texts import (
+    Person,
+    base_texts,
+    biography,
+    cpt_texts,
+    document,
+    low_resource_texts,
+    stream,
+)
 
-GENERATOR_VERSION = 5
+GENERATOR_VERSION = 6
 DEFAULT_ORIGINAL = ("eng_Latn", "deu_Latn")
 DEFAULT_NEW = ("swh_Latn", "rus_Cyrl")
 _SYLLABLES = ("ka", "mo", "ru", "be", "li", "ta", "no", "vi", "se", "du", "ra", "ki", "lo",
               "fe", "ma", "po", "zu", "ne", "si", "go")
 _SHARE_MARGIN = 1.3  # new-language base text drafted beyond its share, then cut to it in tokens
 COVERAGE_MIN_COUNT = 10
-# Generic sentences around each biography: few in the original base text, whose job is its facts
-# (with one to three, a 1.1M-parameter base knew 0.84 of them after 600 steps; with at most one,
-# 0.99), more in a new language's CPT text, which must also teach the language.
-BASE_AROUND = (0, 1)
 _PASSERS = 2000
 NAMED_WEIGHT = 30  # how much likelier a CPT person's name is than a passer-by's in base text
 TOKENIZER_MIN_FREQUENCY = 10 * COVERAGE_MIN_COUNT  # see train_tokenizer
@@ -66,12 +72,6 @@ TOKENIZER_MIN_FREQUENCY = 10 * COVERAGE_MIN_COUNT  # see train_tokenizer
 # 0-2 of the reproduction's world (4, before those two, broke it for Russian on two of them) and
 # already makes every answer word of every language one token.
 MAX_TOKENIZER_UPSAMPLING = 3
-
-
-@dataclass(frozen=True)
-class Person:
-    name: str  # Latin spelling; each language writes it in its own script
-    attributes: dict[str, int]  # attribute → value index
 
 
 @dataclass(frozen=True)
@@ -111,15 +111,9 @@ class WorldSummary:
     paths: dict[str, str] = field(default_factory=dict)
 
 
-def _rng(seed: int, purpose: str) -> random.Random:
-    """An independent stream per purpose: adding documents never changes the people."""
-    digest = hashlib.sha256(f"{seed}:{purpose}".encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "big"))
-
-
 def make_people(seed: int, count: int) -> list[Person]:
     """``count`` people with distinct names (two to four syllables) and random attributes."""
-    rng = _rng(seed, "people")
+    rng = stream(seed, "people")
     names: list[str] = []
     seen: set[str] = set()
     while len(names) < count:
@@ -142,7 +136,7 @@ def make_cast(seed: int, new: list[str], *, num_people: int, eval_people: int,
     sizes = [num_people, new_fact_people * len(new), background_people * len(new),
              n_train, openbook_people, _PASSERS]
     pool = make_people(seed, sum(sizes))
-    _rng(seed, "split").shuffle(pool)
+    stream(seed, "split").shuffle(pool)
     core, pool = pool[:num_people], pool[num_people:]
     new_fact: dict[str, list[Person]] = {}
     background: dict[str, list[Person]] = {}
@@ -154,79 +148,6 @@ def make_cast(seed: int, new: list[str], *, num_people: int, eval_people: int,
                 background=background, openbook_train=pool[:n_train],
                 openbook_eval=pool[n_train:n_train + openbook_people],
                 passers=[p.name for p in pool[n_train + openbook_people:]])
-
-
-def biography(spec: LanguageSpec, rng: random.Random, person: Person,
-              attributes: list[str] | None = None) -> str:
-    """Every attribute of one person (or those given) in random order and paraphrase."""
-    name = spec.name_of(person.name)
-    attrs = list(ATTRIBUTES if attributes is None else attributes)
-    rng.shuffle(attrs)
-    return " ".join(rng.choice(spec.facts[a])(name, person.attributes[a]) for a in attrs)
-
-
-def _generic(spec: LanguageSpec, rng: random.Random, passers: list[str]) -> str:
-    """A generic sentence; one in three is two passers-by meeting, so every text is full of
-    names (their syllables are then common tokens, as names are in real text)."""
-    if passers and rng.random() < 1 / 3:
-        return spec.meeting(spec.name_of(rng.choice(passers)), spec.name_of(rng.choice(passers)))
-    return spec.filler(rng)
-
-
-def _document(spec: LanguageSpec, rng: random.Random, person: Person | None,
-              passers: list[str], around: tuple[int, int] = (1, 3)) -> str:
-    """A biography among ``around`` (a range) generic sentences, or generic text alone."""
-    sentences = [_generic(spec, rng, passers) for _ in range(rng.randint(*around) if person else
-                                                             rng.randint(3, 6))]
-    if person is not None:
-        sentences.insert(rng.randrange(len(sentences) + 1), biography(spec, rng, person))
-    return " ".join(sentences)
-
-
-def _cycle(rng: random.Random, people: list[Person], count: int) -> list[Person]:
-    """``count`` people drawn in shuffled rounds, so every one appears as often as any other."""
-    out: list[Person] = []
-    while len(out) < count and people:
-        order = list(people)
-        rng.shuffle(order)
-        out += order
-    return out[:count]
-
-
-def base_texts(seed: int, spec: LanguageSpec, people: list[Person], bios_per_person: int,
-               passers: list[str]) -> list[str]:
-    """An original language's base text: ``bios_per_person`` biographies of every person."""
-    rng = _rng(seed, f"base:{spec.tag}")
-    return [_document(spec, rng, p, passers, BASE_AROUND)
-            for p in _cycle(rng, people, len(people) * bios_per_person)]
-
-
-def low_resource_texts(seed: int, spec: LanguageSpec, background: list[Person],
-                       chars: int, passers: list[str]) -> list[str]:
-    """A new language's base text, about ``chars`` characters: biographies of background people
-    among generic text (generic text alone when there are none)."""
-    rng = _rng(seed, f"low:{spec.tag}")
-    texts: list[str] = []
-    total = 0
-    order: list[Person] = []
-    while total < chars:
-        if not order and background:
-            order = list(background)
-            rng.shuffle(order)
-        texts.append(_document(spec, rng, order.pop() if order else None, passers))
-        total += len(texts[-1])
-    return texts
-
-
-def cpt_texts(seed: int, spec: LanguageSpec, new_fact: list[Person], anchors: list[Person],
-              docs: int, passers: list[str]) -> list[str]:
-    """A new language's CPT corpus: biographies, two thirds of new-fact people, one third of
-    SFT people (the parallel anchor)."""
-    rng = _rng(seed, f"cpt:{spec.tag}")
-    n_new = round(docs * 2 / 3) if anchors else docs
-    people = _cycle(rng, new_fact, n_new) + _cycle(rng, anchors, docs - n_new)
-    rng.shuffle(people)
-    return [_document(spec, rng, p, passers) for p in people]
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -356,6 +277,7 @@ def build_world(out_dir: str | Path, seed: int = 0, *, arch: str = "llama",
                 eval_people: int = 60, new_fact_people: int = 60,
                 background_people: int = 200, bios_per_person: int = 30,
                 new_language_share: float = 0.05, tokenizer_alpha: float = 0.3,
+                question_share: float = 0.0,
                 openbook_people: int = 60, post_replay: float = 0.0,
                 openbook_train_people: int = 600, openbook_context_facts: int = 3,
                 heldout_docs: int = 300,
@@ -376,6 +298,8 @@ def build_world(out_dir: str | Path, seed: int = 0, *, arch: str = "llama",
         raise ValueError(f"original languages {list(original)} must be some of {tags}")
     if not 0.0 <= post_replay < 1.0:
         raise ValueError(f"post_replay must be in [0, 1), got {post_replay}")
+    if not 0.0 <= question_share <= 1.0:
+        raise ValueError(f"question_share must be in [0, 1], got {question_share}")
     if not 0.0 <= new_language_share < 1.0:
         raise ValueError(f"new_language_share must be in [0, 1), got {new_language_share}")
     specs = [LANGUAGES[t] for t in tags]
@@ -392,8 +316,8 @@ def build_world(out_dir: str | Path, seed: int = 0, *, arch: str = "llama",
         coverage={}, planted_duplicates={}, planted_junk={}, instructions={}, eval_items={},
         model_parameters=0, vocab_size=0)
 
-    base = {t: base_texts(seed, LANGUAGES[t], known, bios_per_person, cast.passers)
-            for t in original}
+    base = {t: base_texts(seed, LANGUAGES[t], known, bios_per_person, cast.passers,
+                          question_share) for t in original}
     original_chars = sum(len(x) for texts in base.values() for x in texts)
     share_each = new_language_share / len(new) if new else 0.0
     for tag in new:
@@ -403,7 +327,8 @@ def build_world(out_dir: str | Path, seed: int = 0, *, arch: str = "llama",
         named = cast.passers + [p.name for p in [*cast.new_fact[tag], *cast.sft]
                                 for _ in range(NAMED_WEIGHT)]
         base[tag] = low_resource_texts(seed, LANGUAGES[tag], cast.background[tag], int(chars),
-                                       named) if chars > 0 else []
+                                       named, question_share, cast.passers
+                                       ) if chars > 0 else []
     repeat = tokenizer_upsampling({t: sum(len(x) for x in base[t]) for t in tags},
                                   tokenizer_alpha)
     names = set(cast.passers) | {
@@ -428,11 +353,11 @@ def build_world(out_dir: str | Path, seed: int = 0, *, arch: str = "llama",
             texts = base[tag][:docs_per_language]
         else:
             texts = cpt_texts(seed, spec, cast.new_fact[tag], cast.sft, docs_per_language,
-                              cast.passers)
+                              cast.passers, question_share)
             summary.coverage[tag] = round(seen_coverage(
                 base_counts, (tokenizer(x)["input_ids"] for x in texts),
                 COVERAGE_MIN_COUNT), 5)
-        rng = _rng(seed, f"plant:{tag}")
+        rng = stream(seed, f"plant:{tag}")
         n_docs = len(texts)
         n_dupes, n_junk = max(1, n_docs // 50), max(1, n_docs // 100)
         texts = texts + [texts[i] for i in rng.sample(range(n_docs), n_dupes)]
@@ -445,29 +370,30 @@ def build_world(out_dir: str | Path, seed: int = 0, *, arch: str = "llama",
         summary.planted_junk[tag] = n_junk
 
         eval_dir = root / "eval" / tag
-        held = _rng(seed, f"heldout:{tag}")
-        _write_jsonl(eval_dir / "lm.jsonl", [{"text": _document(spec, held, None, cast.passers),
+        held = stream(seed, f"heldout:{tag}")
+        _write_jsonl(eval_dir / "lm.jsonl", [{"text": document(spec, held, None, cast.passers,
+                                                                     questions=question_share),
                                               "lang": tag}
                                              for _ in range(heldout_docs)])
         files = {
-            "openbook": openbook_rows(spec, cast.openbook_eval, _rng(seed, f"ob:{tag}"), False,
+            "openbook": openbook_rows(spec, cast.openbook_eval, stream(seed, f"ob:{tag}"), False,
                                       openbook_context_facts),
-            "closed_original": closed_rows(spec, cast.original_fact, _rng(seed, f"co:{tag}"),
+            "closed_original": closed_rows(spec, cast.original_fact, stream(seed, f"co:{tag}"),
                                            False, all_forms=True),
             # cloze on the facts this language's own text holds: the original-fact and SFT
             # people in an original language's base text, the new-fact and SFT (anchor) people
             # in a new language's CPT text
             "mc": mc_rows(spec, (cast.original_fact if tag in original else cast.new_fact[tag])
-                          + cast.sft, _rng(seed, f"mc:{tag}")),
+                          + cast.sft, stream(seed, f"mc:{tag}")),
         }
         if tag not in original:
-            files["closed_new"] = closed_rows(spec, cast.new_fact[tag], _rng(seed, f"cn:{tag}"),
+            files["closed_new"] = closed_rows(spec, cast.new_fact[tag], stream(seed, f"cn:{tag}"),
                                               False, all_forms=True)
         for name, rows in files.items():
             _write_jsonl(eval_dir / f"{name}.jsonl", rows)
         summary.eval_items[tag] = {"lm": heldout_docs, **{k: len(v) for k, v in files.items()}}
         if tag in original:
-            sft_rng = _rng(seed, f"sft:{tag}")
+            sft_rng = stream(seed, f"sft:{tag}")
             sft = closed_rows(spec, cast.sft, sft_rng, True, all_forms=True) \
                 + openbook_rows(spec, cast.openbook_train, sft_rng, True, openbook_context_facts)
             # replayed base text, post_replay of the rows (see components.train.sft)
