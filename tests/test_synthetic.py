@@ -25,6 +25,7 @@ from components.synthetic.build import (
 )
 from components.synthetic.corpora import CULTURAX_SCHEMA, FINEWEB2_SCHEMA
 from components.synthetic.grammar import ATTRIBUTES
+from components.synthetic.texts import generic_sentence
 from components.train.spec import TrainError
 
 SMALL = {"num_people": 40, "docs_per_language": 120, "vocab_size": 1200, "eval_people": 10,
@@ -201,6 +202,24 @@ def test_openbook_context_holds_the_asked_fact_and_its_distractors(world: Path) 
         assert len(kinds) == 3  # openbook_context_facts' default: the asked fact and two others
     with pytest.raises(ValueError, match="context_facts"):
         openbook_rows(spec, make_people(0, 1), random.Random(0), False, context_facts=6)
+
+
+def test_generic_questions_ask_about_passers_and_answer() -> None:
+    rng = random.Random(0)
+    for tag in ("eng_Latn", "swh_Latn", "rus_Cyrl"):
+        spec = LANGUAGES[tag]
+        name = spec.name_of("Kara")
+        for _ in range(50):
+            sentence = generic_sentence(spec, rng, ["Moli"], questions=1.0, asked=["Kara"])
+            asked = [(a, q(name)) for a in ATTRIBUTES for q in spec.questions[a]
+                     if sentence.startswith(q(name) + " ")]
+            assert len(asked) == 1, sentence  # one of the language's question forms, on Kara
+            attr, question = asked[0]
+            answer = sentence[len(question) + 1:]
+            assert any(answer == f(name, v) for f in spec.facts[attr]
+                       for v in range(len(spec.values[attr]))), sentence
+        # without questions, no generic sentence asks anything
+        assert not any("?" in generic_sentence(spec, rng, ["Moli"]) for _ in range(50))
 
 
 def test_answer_words_are_distinct_across_languages() -> None:
