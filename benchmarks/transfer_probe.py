@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -28,29 +29,32 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 ATTRIBUTE_CHANCE = 1 / 5
 
 
-def probe(run: Path, variant: str, lang: str, items: int) -> dict[str, float]:
-    """The three rates of one variant on one language's first ``items`` open-book items."""
-    world = json.loads((run / "world" / "world.json").read_text(encoding="utf-8"))
-    values = world["attributes"]  # attribute → language → words
+def probe(run: Path, variant: str, langs: list[str], items: int) -> dict[str, dict[str, float]]:
+    """The three rates of one variant on each language's first ``items`` open-book items."""
+    values = json.loads((run / "world" / "world.json").read_text(encoding="utf-8"))["attributes"]
     tok = AutoTokenizer.from_pretrained(run / "world" / "tokenizer")
     model = AutoModelForCausalLM.from_pretrained(run / "models" / variant).eval()
-    words = [(a, w) for a in values for w in values[a][lang]]
-    ids = torch.tensor([tok(f" {w}")["input_ids"][0] for _, w in words])
-    rows = [json.loads(line) for line in
-            (run / "world" / "eval" / lang / "openbook.jsonl").read_text().splitlines()][:items]
-    asked = in_context = right = 0
-    for row in rows:
-        with torch.no_grad():
-            logits = model(tok(row["text"], return_tensors="pt")["input_ids"]).logits[0, -1]
-        scores = logits[ids]
-        attr, word = words[int(scores.argmax())]
-        context = f" {row['messages'][0]['content']} ".replace(".", " ").replace("?", " ")
-        asked += attr == row["attribute"]
-        in_context += f" {word} " in context
-        own = [i for i, (a, _) in enumerate(words) if a == row["attribute"]]
-        right += words[own[int(scores[own].argmax())]][1] == row["answer"]
-    n = len(rows)
-    return {"asked_attribute": asked / n, "in_context": in_context / n, "right_of_six": right / n}
+    out = {}
+    for lang in langs:
+        words = [(a, w) for a in values for w in values[a][lang]]  # attribute → language → words
+        ids = torch.tensor([tok(f" {w}")["input_ids"][0] for _, w in words])
+        rows = [json.loads(line) for line in (run / "world" / "eval" / lang / "openbook.jsonl")
+                .read_text(encoding="utf-8").splitlines()][:items]
+        asked = in_context = right = 0
+        for row in rows:
+            with torch.no_grad():
+                logits = model(tok(row["text"], return_tensors="pt")["input_ids"]).logits[0, -1]
+            scores = logits[ids]
+            attr, word = words[int(scores.argmax())]
+            context = row["messages"][0]["content"].split("\n")[0]  # the question follows it
+            asked += attr == row["attribute"]
+            in_context += word in re.findall(r"\w+", context)
+            own = [i for i, (a, _) in enumerate(words) if a == row["attribute"]]
+            right += words[own[int(scores[own].argmax())]][1] == row["answer"]
+        n = len(rows)
+        out[lang] = {"asked_attribute": asked / n, "in_context": in_context / n,
+                     "right_of_six": right / n}
+    return out
 
 
 def main() -> None:
@@ -62,16 +66,14 @@ def main() -> None:
     split = json.loads((args.run / "world" / "world.json").read_text(encoding="utf-8"))["split"]
     print(f"{'variant':12s} {'language':9s} asked attribute (1/5)  in context (~1/10)  "
           "right of six (1/6)")
+    langs = [*split["original"], *split["new"]]
     new_rate = 0.0
     for variant in args.variants.split(","):
-        rates_new = []
-        for lang in [*split["original"], *split["new"]]:
-            r = probe(args.run, variant, lang, args.items)
+        rates = probe(args.run, variant, langs, args.items)
+        for lang, r in rates.items():
             print(f"{variant:12s} {lang:9s} {r['asked_attribute']:20.3f} "
                   f"{r['in_context']:19.3f} {r['right_of_six']:19.3f}", flush=True)
-            if lang in split["new"]:
-                rates_new.append(r["asked_attribute"])
-        new_rate = sum(rates_new) / len(rates_new)
+        new_rate = sum(rates[lang]["asked_attribute"] for lang in split["new"]) / len(split["new"])
     print(f"ratio={new_rate / ATTRIBUTE_CHANCE:.3f}")
 
 

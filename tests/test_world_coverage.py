@@ -31,6 +31,12 @@ def _texts(path: Path) -> list[str]:
     return pq.read_table(path, columns=["text"]).column("text").to_pylist()
 
 
+def _base_counts(root: Path, tok: object) -> Counter[int]:
+    """Occurrences of every token id in the world's base pre-training text."""
+    return id_counts(tok(t)["input_ids"] for f in sorted(
+        (root / "corpora/base/fineweb2/data").rglob("*.parquet")) for t in _texts(f))
+
+
 def _committed_world(root: Path, name: str, **overrides: object) -> object:
     """The world a committed config builds (its world section, the run's four languages)."""
     section = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text(encoding="utf-8"))["world"]
@@ -47,8 +53,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
 
 def _check_coverage(root: Path, summary: object) -> None:
     tok = AutoTokenizer.from_pretrained(root / "tokenizer")
-    base = id_counts(tok(t)["input_ids"] for f in sorted(
-        (root / "corpora/base/fineweb2/data").rglob("*.parquet")) for t in _texts(f))
+    base = _base_counts(root, tok)
     for tag in NEW:
         # the CPT documents, without the planted copies and junk after them
         clean = summary.documents[tag] - summary.planted_duplicates[tag] \
@@ -75,8 +80,7 @@ def _question_coverage(root: Path) -> dict[str, float]:
     """Per language, the share of its closed-book questions' token occurrences (the user turn:
     a question about a person of the base text) whose ids the base text holds ≥ 10 times."""
     tok = AutoTokenizer.from_pretrained(root / "tokenizer")
-    base = id_counts(tok(t)["input_ids"] for f in sorted(
-        (root / "corpora/base/fineweb2/data").rglob("*.parquet")) for t in _texts(f))
+    base = _base_counts(root, tok)
     out = {}
     for tag in [*ORIGINAL, *NEW]:
         rows = [json.loads(line) for line in

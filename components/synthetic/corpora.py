@@ -33,7 +33,6 @@ CULTURAX_SCHEMA = pa.schema([
 ])
 
 
-
 def junk_document(rng: random.Random, spec: LanguageSpec, k: int) -> str:
     """Documents a quality filter must drop: digit soup, or one line repeated."""
     if k % 2 == 0:

@@ -17,6 +17,7 @@ from components.synthetic.grammar import ATTRIBUTES, NUM_VALUES, LanguageSpec
 # 0.99), more in a new language's CPT text, which must also teach the language.
 BASE_AROUND = (0, 1)
 
+
 @dataclass(frozen=True)
 class Person:
     name: str  # Latin spelling; each language writes it in its own script
@@ -39,7 +40,7 @@ def biography(spec: LanguageSpec, rng: random.Random, person: Person,
 
 
 def generic_sentence(spec: LanguageSpec, rng: random.Random, passers: list[str],
-             questions: float = 0.0, asked: list[str] | None = None) -> str:
+                     questions: float = 0.0, asked: list[str] | None = None) -> str:
     """A generic sentence; ``questions`` of them are a question about a passer-by of ``asked``
     (default ``passers``) with its answer (a value drawn at random: a passer-by's facts are no
     fact of the world), since real text asks questions in every language and a base that never
@@ -58,8 +59,8 @@ def generic_sentence(spec: LanguageSpec, rng: random.Random, passers: list[str],
 
 
 def document(spec: LanguageSpec, rng: random.Random, person: Person | None,
-              passers: list[str], around: tuple[int, int] = (1, 3), questions: float = 0.0,
-              asked: list[str] | None = None) -> str:
+             passers: list[str], around: tuple[int, int] = (1, 3), questions: float = 0.0,
+             asked: list[str] | None = None) -> str:
     """A biography among ``around`` (a range) generic sentences, or generic text alone."""
     count = rng.randint(*around) if person else rng.randint(3, 6)
     sentences = [generic_sentence(spec, rng, passers, questions, asked) for _ in range(count)]
@@ -101,7 +102,7 @@ def low_resource_texts(seed: int, spec: LanguageSpec, background: list[Person],
             order = list(background)
             rng.shuffle(order)
         texts.append(document(spec, rng, order.pop() if order else None, passers,
-                               questions=questions, asked=asked))
+                              questions=questions, asked=asked))
         total += len(texts[-1])
     return texts
 
