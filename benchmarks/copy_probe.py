@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import re
 from pathlib import Path
@@ -41,6 +40,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from components.synthetic.grammar import ATTRIBUTES, LANGUAGES
 from components.synthetic.texts import Person, biography
+from components.train.schedule import lr_factor
 
 
 def _rows(run: Path, lang: str, items: int) -> list[dict[str, Any]]:
@@ -135,11 +135,8 @@ def capacity(run: Path, steps: int, lr: float, seed: int = 0) -> float:
         return torch.randint(10, vocab, (n, 32)).repeat(1, 4)  # 128 tokens, the rows' length
 
     for step in range(steps):
-        progress = min(1.0, max(0.0, (step - warmup) / max(1, steps - warmup - 1)))
-        factor = (step + 1) / warmup if step < warmup else \
-            0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-        for group in opt.param_groups:
-            group["lr"] = lr * factor
+        for group in opt.param_groups:  # the training loop's schedule, at its defaults
+            group["lr"] = lr * lr_factor(step, steps, warmup, min_ratio=0.1)
         x = spans(16)
         loss = model(input_ids=x, labels=x).loss
         opt.zero_grad()
