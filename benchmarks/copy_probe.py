@@ -21,9 +21,9 @@ it does not understand. Three measures say whether the models copy at all:
   repeated four times; the share of repeated tokens it predicts. Induction this plain is the
   first thing real bases learn.
 
-The last line is ``ratio=<post's exact match on foreign values ÷ its exact match on the same
-items unchanged>``, averaged over the new languages: 1 means post copies what it reads, 0 that
-it picks among the answer words post-training gave it.
+The last line is ``ratio=<the first variant's exact match on foreign values ÷ its exact match
+on the same items unchanged>`` (post by default), averaged over the original and new languages:
+1 means it copies what it reads, 0 that it picks among the answer words post-training gave it.
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def main() -> None:
     split = json.loads((args.run / "world" / "world.json").read_text(encoding="utf-8"))["split"]
     original, new = split["original"], split["new"]
     tok = AutoTokenizer.from_pretrained(args.run / "world" / "tokenizer")
-    ratio = 0.0
+    ratio: float | None = None
     for variant in args.variants.split(","):
         model = AutoModelForCausalLM.from_pretrained(args.run / "models" / variant).eval()
         rates = foreign_values(model, tok, args.run, original, new, args.items)
@@ -169,9 +169,10 @@ def main() -> None:
                              f"{r[f'{t}/translated']:.3f})" for t in new)
             print(f"{variant:12s} {source}: exact match {r['exact_match']:.3f}; {line}",
                   flush=True)
-        if variant == "post":
-            ratio = sum(r[t] / r["exact_match"] for r in rates.values() for t in new
-                        if r["exact_match"]) / (len(rates) * len(new))
+        if ratio is None:  # the headline is the first variant's
+            pairs = [r[t] / r["exact_match"] for r in rates.values() for t in new
+                     if r["exact_match"]]
+            ratio = sum(pairs) / len(pairs) if pairs else 0.0
     base = AutoModelForCausalLM.from_pretrained(args.run / "models" / "base").eval()
     for lang, (seen, unseen) in verbatim_repeat(base, tok, [*original, *new],
                                                 args.items).items():
@@ -183,7 +184,7 @@ def main() -> None:
         steps, lr = manifest["config"]["steps"], manifest["config"]["train"]["lr"]
         print(f"capacity: copy accuracy on repeated random spans after {steps} steps at lr "
               f"{lr}: {capacity(args.run, steps, lr):.3f}", flush=True)
-    print(f"ratio={ratio:.3f}")
+    print(f"ratio={ratio or 0.0:.3f}")
 
 
 if __name__ == "__main__":
