@@ -108,10 +108,17 @@ def _cfg(path: Path, **extra: Any) -> DataConfig:
 def _run(corpus: dict[str, Any], out: Path, monkeypatch: pytest.MonkeyPatch, *, actors: int,
          unit_bytes: int, partition_bytes: int, source: str = "c", **extra: Any) -> Any:
     """One stage run, cached by its output folder (tests share the 3-actor run)."""
+    import ray.data
+
     import components.data.pipeline as pipeline
 
     if out in _RUNS:
         return _RUNS[out]
+    # Ray Data hands units to whichever pool actors are up: on a loaded machine the head's
+    # actors took all twelve tiny units before the second node's actor had started (CI, stop
+    # 29). Waiting for the whole pool makes "read on both nodes" a property of SPREAD
+    # placement, not of process start-up times.
+    monkeypatch.setattr(ray.data.DataContext.get_current(), "wait_for_min_actors_s", 120)
     monkeypatch.setattr(pipeline, "_BLOCK_BYTES", unit_bytes)
     monkeypatch.setattr(pipeline, "_PARTITION_BYTES", partition_bytes)
     cfg = _cfg(corpus["root"] / source, actors=actors, **extra)
