@@ -114,10 +114,11 @@ def _run(corpus: dict[str, Any], out: Path, monkeypatch: pytest.MonkeyPatch, *, 
 
     if out in _RUNS:
         return _RUNS[out]
-    # Ray Data hands units to whichever pool actors are up: on a loaded machine the head's
-    # actors took all twelve tiny units before the second node's actor had started (CI, stop
-    # 29). Waiting for the whole pool makes "read on both nodes" a property of SPREAD
-    # placement, not of process start-up times.
+    # Ray Data hands units only to pool actors that have started, so on a loaded machine the
+    # head's actors can take all twelve tiny units before the second node's actor is up (the
+    # likely cause of one node in CI at stop 29; not reproduced here under load). Waiting for
+    # the whole pool makes "read on both nodes" a property of SPREAD placement, not of
+    # process start-up times.
     monkeypatch.setattr(ray.data.DataContext.get_current(), "wait_for_min_actors_s", 120)
     monkeypatch.setattr(pipeline, "_BLOCK_BYTES", unit_bytes)
     monkeypatch.setattr(pipeline, "_PARTITION_BYTES", partition_bytes)
